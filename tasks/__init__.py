@@ -1,0 +1,1 @@
+"""Celery tasks of rootfs-worker; importing this package registers them on `worker.celery.app`."""

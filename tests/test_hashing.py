@@ -1,0 +1,203 @@
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import threading
+from collections.abc import Callable
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+
+from worker import hashing
+from worker.errors import FilesystemError, TemplateChanged
+from worker.hashing import hash_fd, hash_file
+
+MiB = 1 << 20
+BUF = hashing._BUF_SIZE
+RING = hashing._BUF_SIZE * hashing._BUF_COUNT
+EVERY = hashing._PROGRESS_EVERY
+
+
+def sparse_file(path: Path, size: int, data: dict[int, bytes] | None = None) -> Path:
+    """A file of `size` bytes that is a hole except for `data` (offset -> bytes)."""
+    with path.open("wb") as f:
+        f.truncate(size)
+        for offset, chunk in (data or {}).items():
+            f.seek(offset)
+            f.write(chunk)
+    return path
+
+
+def reader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "hash-reader"]
+
+
+def test_abc_vector(tmp_path: Path) -> None:
+    """SHA-256("abc") is the FIPS 180-2 value."""
+    path = tmp_path / "abc"
+    path.write_bytes(b"abc")
+    assert hash_file(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    """An empty file hashes to SHA-256("") and reports (0, 0) as its only progress."""
+    path = tmp_path / "empty"
+    path.write_bytes(b"")
+    calls: list[tuple[int, int]] = []
+    digest = hash_file(path, progress=lambda done, total: calls.append((done, total)))
+    assert digest == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    assert calls == [(0, 0)]
+
+
+@pytest.mark.parametrize("layout", ["written", "hole"])
+def test_ten_mib_of_zeros(tmp_path: Path, layout: str) -> None:
+    """10 MiB of zeros has the known digest whether the zeros are on disk or a hole."""
+    path = tmp_path / "zeros"
+    if layout == "written":
+        path.write_bytes(bytes(10 * MiB))
+    else:
+        sparse_file(path, 10 * MiB)
+    assert hash_file(path) == "e5b844cc57f57094ea4585e235f36c78c1cd222262bb89d53c94dcb4d6b3e55d"
+
+
+@pytest.mark.parametrize("size", [1, BUF - 1, BUF, BUF + 1, RING + 1, 3 * RING + 12345])
+def test_matches_hashlib_at_buffer_boundaries(tmp_path: Path, size: int) -> None:
+    """Sizes around the buffer and ring sizes hash exactly like hashlib over the same bytes."""
+    data = os.urandom(size)
+    path = tmp_path / "data"
+    path.write_bytes(data)
+    assert hash_file(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_missing_path_is_a_permanent_filesystem_error(tmp_path: Path) -> None:
+    """A missing file raises FilesystemError(ENOENT) that names the path and is not worth retrying."""
+    path = tmp_path / "no-such-template.ext4"
+    with pytest.raises(FilesystemError) as info:
+        hash_file(path)
+    assert info.value.errno == errno.ENOENT
+    assert info.value.op == "open for hashing"
+    assert info.value.path == str(path)
+    assert str(path) in str(info.value)
+    assert not info.value.transient
+
+
+def test_directory_is_refused(tmp_path: Path) -> None:
+    """A directory fd is a FilesystemError(EISDIR), not the hash of nothing."""
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        with pytest.raises(FilesystemError) as info:
+            hash_fd(fd, path=str(tmp_path))
+    finally:
+        os.close(fd)
+    assert info.value.errno == errno.EISDIR
+
+
+def _hash_while(path: Path, change: Callable[[int], None]) -> None:
+    """Hash `path`, running change(fd) from the first intermediate progress report."""
+    fd = os.open(path, os.O_RDWR)
+    changed: list[bool] = []
+
+    def progress(done: int, total: int) -> None:
+        if not changed:
+            changed.append(True)
+            change(fd)
+
+    try:
+        hash_fd(fd, path=str(path), progress=progress)
+    finally:
+        os.close(fd)
+    assert changed, "the file was too small to get an intermediate progress report"
+
+
+def test_truncation_while_hashing_raises_template_changed(tmp_path: Path) -> None:
+    """A file truncated mid-hash raises a transient TemplateChanged, and the reader thread is gone."""
+    path = sparse_file(tmp_path / "t.ext4", EVERY + 2 * RING + 1, {EVERY: b"x" * MiB})
+    with pytest.raises(TemplateChanged) as info:
+        _hash_while(path, lambda fd: os.ftruncate(fd, EVERY // 2))
+    assert info.value.path == str(path)
+    assert info.value.transient
+    assert reader_threads() == []
+
+
+def test_growth_while_hashing_raises_template_changed(tmp_path: Path) -> None:
+    """A file that grows mid-hash raises TemplateChanged: the digest covers no complete version."""
+    path = sparse_file(tmp_path / "g.ext4", EVERY + 2 * RING, {0: b"y" * MiB})
+    with pytest.raises(TemplateChanged):
+        _hash_while(path, lambda fd: os.ftruncate(fd, 2 * EVERY))
+
+
+def test_rewrite_in_place_while_hashing_raises_template_changed(tmp_path: Path) -> None:
+    """Bytes rewritten mid-hash (same size) raise TemplateChanged through the mtime/ctime check."""
+    path = sparse_file(tmp_path / "w.ext4", EVERY + 2 * RING, {0: b"z" * MiB})
+    os.utime(path, ns=(0, 0))  # any write now moves mtime, whatever the timestamp granularity
+
+    def rewrite(fd: int) -> None:
+        os.pwrite(fd, b"changed", 0)
+
+    with pytest.raises(TemplateChanged):
+        _hash_while(path, rewrite)
+
+
+def test_progress_is_monotonic_and_ends_at_total(tmp_path: Path) -> None:
+    """Progress rises strictly, at most once per ~64 MiB, keeps the total, and ends at (total, total)."""
+    size = 2 * EVERY + EVERY // 2 + 123
+    path = sparse_file(tmp_path / "p.ext4", size, {size - 1: b"\x01"})
+    calls: list[tuple[int, int]] = []
+    hash_file(path, progress=lambda done, total: calls.append((done, total)))
+    done = [d for d, _ in calls]
+    assert all(total == size for _, total in calls)
+    assert done == sorted(set(done))
+    assert calls[-1] == (size, size)
+    assert 2 <= len(calls) <= size // EVERY + 1
+    assert all(b - a >= EVERY for a, b in pairwise([0, *done[:-1]]))
+
+
+def test_fd_offset_is_untouched(tmp_path: Path) -> None:
+    """hash_fd hashes from byte 0 whatever the fd offset is, and leaves that offset where it was."""
+    data = os.urandom(3 * BUF + 5)
+    path = tmp_path / "o"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.lseek(fd, 4097, os.SEEK_SET)
+        assert hash_fd(fd, path=str(path)) == hashlib.sha256(data).hexdigest()
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 4097
+    finally:
+        os.close(fd)
+
+
+def test_progress_callback_error_propagates_and_stops_reader(tmp_path: Path) -> None:
+    """An exception from the progress callback reaches the caller and leaves no reader thread behind."""
+    path = sparse_file(tmp_path / "c.ext4", EVERY + 4 * RING)
+
+    def progress(done: int, total: int) -> None:
+        raise KeyError("stop")
+
+    with pytest.raises(KeyError):
+        hash_file(path, progress=progress)
+    assert reader_threads() == []
+
+
+def test_read_error_becomes_transient_filesystem_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OSError while reading (EIO here) surfaces as FilesystemError(op="read") naming the path."""
+    path = sparse_file(tmp_path / "e.ext4", 3 * RING)
+    real_preadv = os.preadv
+    calls = 0
+
+    def failing_preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", failing_preadv)
+    with pytest.raises(FilesystemError) as info:
+        hash_file(path)
+    assert (info.value.op, info.value.path, info.value.errno) == ("read", str(path), errno.EIO)
+    assert info.value.transient
+    assert reader_threads() == []

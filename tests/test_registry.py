@@ -1,0 +1,505 @@
+"""The seed's 20 tests, ported by name, then one test per defect of the seed that we fix."""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Env
+from tests.helpers import MIB, sha256_of, tree
+from worker import (
+    FilesystemError,
+    InvalidStackName,
+    InvalidVmId,
+    RootfsConfig,
+    RootfsError,
+    RootfsRegistry,
+    StackNotFound,
+    StampMismatch,
+    TemplateChanged,
+    VmIdConflict,
+    safe_vm_id,
+)
+from worker import cloning, hashing
+from worker.config import DEFAULT_CLONES_DIR, DEFAULT_TEMPLATE_DIR
+
+ABC = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+EMPTY = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+def rewind_mtime(path: Path, secs: int) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - secs * 10**9))
+
+
+class CountingHash:
+    """Counts real reads of template bytes by wrapping the hashing engine."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        real = hashing.hash_fd
+
+        def counting(fd: int, **kw: Any) -> str:
+            self.calls += 1
+            return real(fd, **kw)
+
+        monkeypatch.setattr(hashing, "hash_fd", counting)
+
+
+# ------------------------------------------------------------------------------------------ seed's tests
+
+
+def test_stacks_lists_all_subdirs_with_rootfs(env: Env) -> None:
+    """Every directory with a rootfs.ext4 is a stack, sorted by name, with its size and own hash."""
+    env.template("base", b"BASE-ROOTFS")
+    env.template("node-20", b"NODE-20-ROOTFS")
+    (env.template_dir / "incomplete").mkdir()
+    stacks = env.registry.stacks()
+    assert [s.name for s in stacks] == ["base", "node-20"]
+    assert stacks[0].size_bytes == len(b"BASE-ROOTFS")
+    assert stacks[0].sha256 != stacks[1].sha256
+
+
+def test_stacks_returns_empty_when_template_dir_missing(tmp_path: Path) -> None:
+    """A host with no template dir has no stacks, and that is not an error."""
+    reg = RootfsRegistry(RootfsConfig(tmp_path / "does-not-exist", tmp_path / "clones"))
+    assert reg.stacks() == []
+
+
+def test_stack_by_name_returns_none_for_missing(env: Env) -> None:
+    """stack() finds a present stack and answers None for an absent one."""
+    env.template("base", b"x")
+    assert env.registry.stack("base") is not None
+    assert env.registry.stack("nope") is None
+
+
+def test_hash_cache_skips_rehash_when_mtime_unchanged(env: Env) -> None:
+    """New bytes under a restored mtime are still seen: the cache key includes ctime and size."""
+    path = env.template("base", b"first-bytes")
+    rewind_mtime(path, 5)
+    first = env.registry.stack("base")
+    assert first is not None
+    mtime_before = path.stat().st_mtime_ns
+    path.write_bytes(b"second-bytes-different-length")
+    os.utime(path, ns=(mtime_before, mtime_before))
+    env.forget(path)
+    second = env.registry.stack("base")
+    assert second is not None
+    assert second.sha256 == sha256_of(path)
+    assert second.sha256 != first.sha256
+
+
+def test_hash_cache_skips_rehash_when_file_unchanged(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unchanged template is read once, then served from the cache."""
+    env.template("base", b"same-bytes")
+    counter = CountingHash(monkeypatch)
+    first = env.registry.stack("base")
+    second = env.registry.stack("base")
+    assert first == second
+    assert counter.calls == 1
+
+
+def test_hash_cache_invalidates_when_mtime_advances(env: Env) -> None:
+    """Rewriting a template gives the new hash."""
+    path = env.template("base", b"first")
+    rewind_mtime(path, 5)
+    first = env.registry.stack("base")
+    env.template("base", b"second")
+    second = env.registry.stack("base")
+    assert first is not None and second is not None
+    assert first.sha256 != second.sha256
+
+
+def test_clone_creates_per_vm_copy_with_stamp(env: Env) -> None:
+    """A clone is the template's bytes at <clones>/<vm>/rootfs.ext4 with the template's hash as stamp."""
+    env.template("base", b"BASE-CONTENTS")
+    info = env.registry.stack("base")
+    assert info is not None
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    assert rootfs.vm_id == "vm-1"
+    assert rootfs.stack == "base"
+    assert rootfs.path == env.clones_dir / "vm-1" / "rootfs.ext4"
+    assert rootfs.source_sha256 == info.sha256
+    assert rootfs.path.read_bytes() == b"BASE-CONTENTS"
+    stamp = (env.clones_dir / "vm-1" / "rootfs.ext4.sha256").read_bytes()
+    assert stamp == info.sha256.encode()  # 64 lowercase hex digits, no newline: as the seed writes it
+
+
+def test_clone_is_idempotent_with_matching_stamp(env: Env) -> None:
+    """Cloning the same VM twice returns the same clone, not a new copy."""
+    env.template("base", b"abc")
+    a = env.registry.clone_for_vm("vm-1", "base")
+    ino = a.path.stat().st_ino
+    b = env.registry.clone_for_vm("vm-1", "base")
+    assert a == b
+    assert b.path.stat().st_ino == ino
+
+
+def test_clone_errors_when_stamp_mismatches_live_template(env: Env) -> None:
+    """A clone stamped with other bytes is refused with a permanent stamp-mismatch error."""
+    env.template("base", b"abc")
+    env.registry.clone_for_vm("vm-1", "base")
+    (env.clones_dir / "vm-1" / "rootfs.ext4.sha256").write_text("deadbeef" * 8)
+    with pytest.raises(StampMismatch) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert "stamp mismatch" in str(info.value)
+    assert not info.value.transient
+
+
+def test_clone_errors_when_stack_missing(env: Env) -> None:
+    """Cloning an unknown stack is a permanent error that creates no VM directory."""
+    with pytest.raises(StackNotFound) as info:
+        env.registry.clone_for_vm("vm-1", "ghost")
+    assert not info.value.transient
+    assert "ghost" in str(info.value) and str(env.template_dir) in str(info.value)
+    assert not (env.clones_dir / "vm-1").exists()
+
+
+def test_clone_fallback_works_on_non_reflink_filesystem(env: Env) -> None:
+    """On ext4 (no reflink) the clone is still made, as a real copy."""
+    env.template("base", b"fallback-must-succeed")
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    assert rootfs.path.read_bytes() == b"fallback-must-succeed"
+
+
+def test_clone_sanitises_vm_id_in_path(env: Env) -> None:
+    """Characters outside [A-Za-z0-9_-] become '_' in the clone's directory name."""
+    env.template("base", b"x")
+    rootfs = env.registry.clone_for_vm("vm/with:weird*chars", "base")
+    assert rootfs.vm_id == "vm_with_weird_chars"
+    assert rootfs.path.is_relative_to(env.clones_dir / "vm_with_weird_chars")
+
+
+def test_clone_rejects_empty_sanitised_id(env: Env) -> None:
+    """An empty vm id is refused before anything is written."""
+    with pytest.raises(InvalidVmId):
+        env.registry.clone_for_vm("", "base")
+    assert not env.clones_dir.exists()
+
+
+def test_release_removes_per_vm_dir_and_is_idempotent(env: Env) -> None:
+    """Release deletes the VM's directory; releasing again is fine."""
+    env.template("base", b"x")
+    env.registry.clone_for_vm("vm-1", "base")
+    assert (env.clones_dir / "vm-1").exists()
+    assert env.registry.release("vm-1") is True
+    assert not (env.clones_dir / "vm-1").exists()
+    assert env.registry.release("vm-1") is False
+    assert tree(env.clones_dir) <= {".cache", ".cache/hashes", ".cache/hashes/locks", ".locks", ".trash"} | {
+        p for p in tree(env.clones_dir) if p.startswith(".cache/")
+    }
+
+
+def test_hash_file_matches_standard_abc_test_vector(tmp_path: Path) -> None:
+    """SHA-256 of 'abc' is the FIPS 180-2 vector."""
+    path = tmp_path / "abc"
+    path.write_bytes(b"abc")
+    assert RootfsRegistry.hash_file(path) == ABC
+
+
+def test_hash_file_handles_empty_input(tmp_path: Path) -> None:
+    """SHA-256 of nothing is the known empty digest."""
+    path = tmp_path / "empty"
+    path.write_bytes(b"")
+    assert RootfsRegistry.hash_file(path) == EMPTY
+
+
+def test_hash_file_errors_on_missing_path() -> None:
+    """Hashing a missing file is a permanent error naming the path."""
+    with pytest.raises(FilesystemError) as info:
+        RootfsRegistry.hash_file(Path("/nonexistent/path/to/nothing"))
+    assert info.value.errno == errno.ENOENT and not info.value.transient
+    assert "/nonexistent/path/to/nothing" in str(info.value)
+
+
+def test_hash_file_handles_multi_chunk_input(tmp_path: Path) -> None:
+    """10 MiB of zeros (several buffers) hash to the known digest."""
+    path = tmp_path / "zeros"
+    with path.open("wb") as f:
+        f.truncate(10 * MIB)
+    assert RootfsRegistry.hash_file(path) == "e5b844cc57f57094ea4585e235f36c78c1cd222262bb89d53c94dcb4d6b3e55d"
+
+
+def test_safe_vm_id_matches_adapter_convention() -> None:
+    """The sanitising map is the seed's, so both runtimes find the same directory."""
+    assert safe_vm_id("vm-1") == "vm-1"
+    assert safe_vm_id("vm_1") == "vm_1"
+    assert safe_vm_id("VM1") == "VM1"
+    assert safe_vm_id("vm/1:foo") == "vm_1_foo"
+    assert safe_vm_id("a.b/c") == "a_b_c"
+    assert safe_vm_id("vé") == "v_"  # one '_' per character, as Rust's chars()
+
+
+def test_config_from_env_picks_up_overrides() -> None:
+    """Both directories come from the environment mapping."""
+    cfg = RootfsConfig.from_env(
+        {"MICROVM_ROOTFS_TEMPLATE_DIR": "/tmp/mvm-test-templates", "MICROVM_ROOTFS_CLONES_DIR": "/tmp/mvm-test-clones"}
+    )
+    assert cfg.template_dir == Path("/tmp/mvm-test-templates")
+    assert cfg.clones_dir == Path("/tmp/mvm-test-clones")
+
+
+def test_config_default_paths_match_documented_constants() -> None:
+    """With nothing set, the seed's default paths apply."""
+    cfg = RootfsConfig.from_env({})
+    assert cfg.template_dir == Path(DEFAULT_TEMPLATE_DIR) == Path("/var/lib/microvm/rootfs-templates")
+    assert cfg.clones_dir == Path(DEFAULT_CLONES_DIR) == Path("/var/lib/microvm/rootfs")
+    assert RootfsConfig() == cfg
+
+
+# ------------------------------------------------------------------------------- the seed's defects
+
+
+def test_clone_is_never_a_hard_link_to_the_template(env: Env) -> None:
+    """On ext4 the clone is its own inode: a guest writing to it leaves the template intact."""
+    template = env.template("base", b"pristine" * 1000)
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    assert rootfs.path.stat().st_ino != template.stat().st_ino
+    assert rootfs.path.stat().st_nlink == 1
+    with rootfs.path.open("r+b") as f:
+        f.write(b"GUEST WRITE")
+    assert template.read_bytes() == b"pristine" * 1000
+
+
+def test_seed_hard_link_clone_is_replaced_by_a_real_copy(env: Env) -> None:
+    """A clone the seed made as a hard link to the template is never handed out as is."""
+    template = env.template("base", b"shared-inode")
+    info = env.registry.stack("base")
+    assert info is not None
+    vm_dir = env.clones_dir / "vm-1"
+    vm_dir.mkdir(parents=True)
+    os.link(template, vm_dir / "rootfs.ext4")
+    (vm_dir / "rootfs.ext4.sha256").write_text(info.sha256)
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    assert rootfs.path.stat().st_ino != template.stat().st_ino
+    assert rootfs.path.read_bytes() == b"shared-inode"
+
+
+def test_sparse_template_clones_without_allocating_holes(env: Env) -> None:
+    """A 2 GiB image with 64 MiB of data clones with no more blocks than the template."""
+    template = env.sparse_template("big", size=2048 * MIB, data_mib=64)
+    rootfs = env.registry.clone_for_vm("vm-1", "big")
+    src, dst = template.stat(), rootfs.path.stat()
+    assert dst.st_size == src.st_size
+    assert dst.st_blocks <= src.st_blocks
+    assert sha256_of(rootfs.path) == rootfs.source_sha256
+
+
+def test_interrupted_seed_clone_without_stamp_is_redone(env: Env) -> None:
+    """A rootfs.ext4 with no stamp (the seed killed mid-copy) is rebuilt, not an error forever."""
+    env.template("base", b"complete-template-bytes")
+    vm_dir = env.clones_dir / "vm-1"
+    vm_dir.mkdir(parents=True)
+    (vm_dir / "rootfs.ext4").write_bytes(b"compl")
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    assert rootfs.path.read_bytes() == b"complete-template-bytes"
+    assert (vm_dir / "rootfs.ext4.sha256").read_text() == rootfs.source_sha256
+
+
+def _clone_in_child(template_dir: str, clones_dir: str) -> None:
+    RootfsRegistry(RootfsConfig(Path(template_dir), Path(clones_dir))).clone_for_vm("vm-1", "big")
+
+
+def test_clone_killed_mid_copy_leaves_no_complete_looking_file(env: Env) -> None:
+    """kill -9 during the copy leaves no rootfs.ext4; the next call cleans up and completes."""
+    block = os.urandom(MIB)
+    path = env.template_dir / "big" / "rootfs.ext4"
+    path.parent.mkdir()
+    with path.open("wb") as f:
+        for _ in range(768):
+            f.write(block)
+    env.expected[path] = sha256_of(path)
+    assert env.registry.stack("big") is not None  # warm the shared cache: the child goes straight to copying
+    ctx = multiprocessing.get_context("spawn")
+    child = ctx.Process(target=_clone_in_child, args=(str(env.template_dir), str(env.clones_dir)))
+    child.start()
+    partial = env.clones_dir / "vm-1" / "rootfs.ext4.partial"
+    deadline = time.monotonic() + 60
+    while not partial.exists() and child.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    assert child.pid is not None
+    os.kill(child.pid, 9)
+    child.join()
+    if child.exitcode != -9:
+        pytest.skip("the child finished its copy before it could be killed")
+    assert not (env.clones_dir / "vm-1" / "rootfs.ext4").exists()
+    rootfs = env.registry.clone_for_vm("vm-1", "big")
+    assert sha256_of(rootfs.path) == env.expected[path]
+    assert sorted(p.name for p in (env.clones_dir / "vm-1").iterdir()) == [".vm-id", "rootfs.ext4", "rootfs.ext4.sha256"]
+
+
+def _clone_and_report(args: tuple[str, str, str]) -> tuple[str, str, int]:
+    template_dir, clones_dir, vm_id = args
+    reg = RootfsRegistry(RootfsConfig(Path(template_dir), Path(clones_dir)))
+    r = reg.clone_for_vm(vm_id, "base")
+    return str(r.path), r.source_sha256, r.path.stat().st_ino
+
+
+def test_duplicate_concurrent_clones_converge_to_one(env: Env) -> None:
+    """Ten processes cloning one VM at once get one clone and ten identical answers."""
+    env.sparse_template("base", size=256 * MIB, data_mib=32)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(10) as pool:
+        results = pool.map(_clone_and_report, [(str(env.template_dir), str(env.clones_dir), "vm-1")] * 10)
+    assert len(set(results)) == 1
+    assert results[0][2] == (env.clones_dir / "vm-1" / "rootfs.ext4").stat().st_ino
+
+
+def _hash_and_report(args: tuple[str, str]) -> bool:
+    template_dir, clones_dir = args
+    reg = RootfsRegistry(RootfsConfig(Path(template_dir), Path(clones_dir)))
+    hashed = []
+    reg.stack("base", progress=lambda *_: hashed.append(1))
+    return bool(hashed)
+
+
+def test_concurrent_cold_hashes_read_the_template_once(env: Env) -> None:
+    """Four processes asking for one cold template's hash at once make one of them hash it."""
+    env.sparse_template("base", size=512 * MIB, data_mib=16)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        hashed = pool.map(_hash_and_report, [(str(env.template_dir), str(env.clones_dir))] * 4)
+    assert sorted(hashed) == [False, False, False, True]
+
+
+def test_hash_cache_is_shared_across_registries_and_restarts(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hash computed by one registry (a warm-up in another process) serves a fresh one without reading."""
+    env.template("base", b"warm-me")
+    report = env.registry.warm()
+    assert report.hashed == ("base",)
+    counter = CountingHash(monkeypatch)
+    again = env.registry_again()
+    assert again.warm().already_warm == ("base",)
+    again.clone_for_vm("vm-1", "base")
+    assert counter.calls == 0
+
+
+def test_damaged_cache_entry_is_a_miss_not_a_wrong_hash(env: Env) -> None:
+    """A cache entry that was cut short or tampered with is ignored and the template is hashed again."""
+    path = env.template("base", b"bytes")
+    env.registry.stack("base")
+    for entry in (env.clones_dir / ".cache" / "hashes").glob("*.json"):
+        entry.write_text('{"key": {}, "sha25')
+    info = env.registry_again().stack("base")
+    assert info is not None and info.sha256 == sha256_of(path)
+
+
+def test_template_changing_during_clone_fails_transient_and_leaves_nothing(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the template changes while it is copied, the clone fails (retryable) and nothing is left."""
+    path = env.template("base", b"version-1" * 100)
+    env.forget(path)
+    real = cloning.clone_fd
+
+    def operator_rewrites_template(src: int, dst: int, **kw: Any) -> cloning.CloneMethod:
+        with path.open("ab") as f:
+            f.write(b"version-2")
+        return real(src, dst, **kw)
+
+    monkeypatch.setattr(cloning, "clone_fd", operator_rewrites_template)
+    with pytest.raises(TemplateChanged) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert info.value.transient
+    assert not (env.clones_dir / "vm-1").exists()
+
+
+def test_copy_failure_leaves_nothing_behind(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy that fails (disk full) removes the partial clone and the VM's directory."""
+    env.template("base", b"x" * 4096)
+
+    def disk_full(src: int, dst: int, **kw: Any) -> cloning.CloneMethod:
+        os.write(dst, b"partial")
+        raise FilesystemError.from_os(OSError(errno.ENOSPC, "No space left on device"), op="copy", path="d")
+
+    monkeypatch.setattr(cloning, "clone_fd", disk_full)
+    with pytest.raises(FilesystemError) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert info.value.transient
+    assert not (env.clones_dir / "vm-1").exists()
+    assert not (env.clones_dir / ".locks" / "vm-1.lock").exists()
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../../x", "../templates/base", "x\0y", "a" * 256, "\udc80"])
+def test_invalid_stack_names_are_refused_before_any_access(env: Env, name: str) -> None:
+    """A stack name that is not one plain path component is a permanent error and nothing is touched."""
+    outside = env.root / "outside" / "rootfs.ext4"
+    outside.parent.mkdir(exist_ok=True)
+    outside.write_bytes(b"not a template")
+    with pytest.raises(InvalidStackName) as info:
+        env.registry.clone_for_vm("vm-1", name)
+    assert not info.value.transient
+    with pytest.raises(InvalidStackName):
+        env.registry.stack(name)
+    assert not env.clones_dir.exists()
+
+
+def test_symlinked_template_outside_the_template_dir_is_not_followed(env: Env) -> None:
+    """A template that is a symlink out of the template dir is not a stack: not listed, not cloned."""
+    outside = env.root / "outside" / "secret.img"
+    outside.parent.mkdir()
+    outside.write_bytes(b"host secrets")
+    (env.template_dir / "evil").mkdir()
+    (env.template_dir / "evil" / "rootfs.ext4").symlink_to(outside)
+    env.template("base", b"fine")
+    (env.template_dir / "alias").symlink_to(env.template_dir / "base")
+    assert [s.name for s in env.registry.stacks()] == ["alias", "base"]
+    assert env.registry.stack("evil") is None
+    with pytest.raises(StackNotFound):
+        env.registry.clone_for_vm("vm-1", "evil")
+
+
+def test_fifo_as_template_is_not_a_stack(env: Env) -> None:
+    """A FIFO where a template should be is skipped instead of hanging the worker."""
+    (env.template_dir / "pipe").mkdir()
+    os.mkfifo(env.template_dir / "pipe" / "rootfs.ext4")
+    assert env.registry.stacks() == []
+    assert env.registry.stack("pipe") is None
+
+
+def test_two_vm_ids_for_one_directory_never_share_a_disk(env: Env) -> None:
+    """vm/1 and vm:1 both map to vm_1: the second is refused and cannot release the first's disk."""
+    env.template("base", b"x")
+    first = env.registry.clone_for_vm("vm/1", "base")
+    with pytest.raises(VmIdConflict) as info:
+        env.registry.clone_for_vm("vm:1", "base")
+    assert info.value.owner == "vm/1" and not info.value.transient
+    with pytest.raises(VmIdConflict):
+        env.registry.release("vm:1")
+    assert first.path.exists()
+    assert env.registry.release("vm/1") is True
+
+
+def test_symlink_in_place_of_a_vm_dir_is_not_followed(env: Env) -> None:
+    """A symlink planted where a VM's directory belongs never leads a clone outside the clones dir."""
+    env.template("base", b"x")
+    target = env.root / "outside"
+    target.mkdir()
+    env.clones_dir.mkdir()
+    (env.clones_dir / "vm-1").symlink_to(target)
+    with pytest.raises(FilesystemError):
+        env.registry.clone_for_vm("vm-1", "base")
+    assert list(target.iterdir()) == []
+
+
+def test_error_round_trips_through_its_args() -> None:
+    """Every error rebuilds from its args (as Celery's JSON backend does) with the same type and message."""
+    errors: list[RootfsError] = [
+        StackNotFound("ghost", "/t"),
+        StampMismatch("vm-1", "base", "a" * 64, "b" * 64),
+        VmIdConflict("vm:1", "vm_1", "vm/1"),
+        TemplateChanged("/t/base/rootfs.ext4", "size 1 -> 2"),
+        FilesystemError("copy", "/c/vm-1/rootfs.ext4.partial", errno.ENOSPC, "No space left on device"),
+        InvalidStackName("stack", "'..'", "is a relative directory reference"),
+    ]
+    for err in errors:
+        again = type(err)(*err.args)
+        assert str(again) == str(err) and again.transient == err.transient
+    assert [e.transient for e in errors] == [False, False, False, True, True, False]
+    assert "ENOSPC" in str(errors[4]) and "/c/vm-1/rootfs.ext4.partial" in str(errors[4])

@@ -1,0 +1,43 @@
+"""rootfs-worker: per-VM root filesystem clones of template stacks, served over a Celery queue.
+
+The names exported here are the pure core: importing them imports no Celery. The Celery app lives in
+`worker.celery` (found by `celery -A worker`), the tasks in the `tasks` package.
+"""
+
+from worker.config import RootfsConfig
+from worker.errors import (
+    FilesystemError,
+    InvalidArgument,
+    InvalidStackName,
+    InvalidVmId,
+    RemoteError,
+    RootfsError,
+    StackNotFound,
+    StampMismatch,
+    TaskTimeout,
+    TemplateChanged,
+    VmIdConflict,
+)
+from worker.models import StackInfo, VmRootfs, WarmReport
+from worker.names import safe_vm_id
+from worker.registry import RootfsRegistry
+
+__all__ = [
+    "FilesystemError",
+    "InvalidArgument",
+    "InvalidStackName",
+    "InvalidVmId",
+    "RemoteError",
+    "RootfsConfig",
+    "RootfsError",
+    "RootfsRegistry",
+    "StackInfo",
+    "StackNotFound",
+    "StampMismatch",
+    "TaskTimeout",
+    "TemplateChanged",
+    "VmIdConflict",
+    "VmRootfs",
+    "WarmReport",
+    "safe_vm_id",
+]

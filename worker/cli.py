@@ -1,0 +1,190 @@
+"""`rootfs-worker`: the operator's shell into the queue (hosts, stacks, warm, clone, release).
+
+Tables for people, `--json` for scripts; a failure exits non-zero with the error's type and message.
+click is Celery's own CLI framework, already installed with it: argument parsing, help, exit codes and a
+progress bar without code of our own.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+
+from worker.client import JobHandle, RootfsClient
+from worker.errors import RootfsError
+
+EXIT_FAILED = 1
+EXIT_TIMEOUT = 3
+
+
+def _client() -> RootfsClient:
+    from worker.celery import app
+
+    return RootfsClient(app)
+
+
+def _default_host() -> str:
+    from worker.settings import Settings
+
+    try:
+        return Settings.from_env().host
+    except ValueError:
+        return socket.gethostname()
+
+
+host_option = click.option("--host", default=None, help="Host whose worker runs the job [default: this host].")
+timeout_option = click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the result.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Prepare microVM root filesystems through the rootfs-worker queue."""
+
+
+@main.command()
+@json_option
+def hosts(as_json: bool) -> None:
+    """List hosts whose workers are live."""
+    found = _guard(as_json, lambda: _client().hosts())
+    if as_json:
+        _print_json(found)
+        return
+    _table(["HOST", "NODE", "PID", "LAST SEEN"], [
+        [h["host"], h.get("node", ""), h.get("pid", ""), f"{time.time() - float(h.get('seen', 0)):.0f}s ago"]
+        for h in found
+    ])
+
+
+@main.command()
+@host_option
+@timeout_option
+@json_option
+def stacks(host: str | None, timeout: float, as_json: bool) -> None:
+    """List a host's template stacks with sizes and hashes."""
+    job = _guard(as_json, lambda: _client().stacks(host=host or _default_host()))
+    found = _wait(job, timeout=timeout, as_json=as_json)
+    if as_json:
+        _print_json(found)
+        return
+    _table(["STACK", "SIZE", "SHA256"], [[s["name"], _size(s["size_bytes"]), s["sha256"]] for s in found])
+
+
+@main.command()
+@host_option
+@timeout_option
+@json_option
+def warm(host: str | None, timeout: float, as_json: bool) -> None:
+    """Hash a host's templates now, so that no clone waits for a hash."""
+    job = _guard(as_json, lambda: _client().warm(host=host or _default_host()))
+    report = _wait(job, timeout=timeout, as_json=as_json)
+    if as_json:
+        _print_json(report)
+        return
+    if report.get("busy"):
+        click.echo(f"{job.host}: a warm-up is already running there")
+        return
+    click.echo(
+        f"{job.host}: hashed {len(report['hashed'])} ({_size(report['bytes_hashed'])} in {report['seconds']:.2f}s),"
+        f" already warm {len(report['already_warm'])}"
+    )
+    for name, error in report.get("failed", {}).items():
+        click.echo(f"  {name}: {error}", err=True)
+
+
+@main.command()
+@click.argument("vm_id")
+@click.argument("stack")
+@host_option
+@timeout_option
+@json_option
+def clone(vm_id: str, stack: str, host: str | None, timeout: float, as_json: bool) -> None:
+    """Give VM_ID its own copy of STACK (idempotent)."""
+    job = _guard(as_json, lambda: _client().clone(host=host or _default_host(), vm_id=vm_id, stack=stack))
+    result = _wait(job, timeout=timeout, as_json=as_json)
+    if as_json:
+        _print_json(result)
+        return
+    click.echo(f"{result['vm_id']}: {result['path']} ({result['stack']} {result['source_sha256'][:12]}) on {result['host']}")
+
+
+@main.command()
+@click.argument("vm_id")
+@host_option
+@timeout_option
+@json_option
+def release(vm_id: str, host: str | None, timeout: float, as_json: bool) -> None:
+    """Delete VM_ID's clone (idempotent)."""
+    job = _guard(as_json, lambda: _client().release(host=host or _default_host(), vm_id=vm_id))
+    result = _wait(job, timeout=timeout, as_json=as_json)
+    if as_json:
+        _print_json(result)
+        return
+    click.echo(f"{result['vm_id']}: {'released' if result['released'] else 'had no clone'} on {result['host']}")
+
+
+def _wait(job: JobHandle, *, timeout: float, as_json: bool) -> Any:
+    """The job's result, with a progress bar on a terminal while a template is being hashed."""
+    bar: Any = None
+    seen = 0
+
+    def on_progress(meta: dict[str, Any]) -> None:
+        nonlocal bar, seen
+        if as_json or not sys.stderr.isatty():
+            return
+        total, done = int(meta.get("total", 0)), int(meta.get("done", 0))
+        if bar is None:
+            bar = click.progressbar(length=max(total, 1), label=f"hashing {meta.get('stack', '')}", file=sys.stderr)
+            bar.__enter__()
+        bar.update(max(0, done - seen))
+        seen = done
+
+    try:
+        return _guard(as_json, lambda: job.result(timeout=timeout, on_progress=on_progress))
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+
+
+def _guard(as_json: bool, call: Callable[[], Any]) -> Any:
+    """Run `call`; on our error, report it (JSON on stdout with --json) and exit non-zero."""
+    try:
+        return call()
+    except RootfsError as exc:
+        if as_json:
+            _print_json({"error": exc.to_dict()})
+        else:
+            click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        raise SystemExit(EXIT_TIMEOUT if type(exc).__name__ == "TaskTimeout" else EXIT_FAILED) from None
+    except OSError as exc:  # the broker is unreachable, for instance
+        if as_json:
+            _print_json({"error": {"type": type(exc).__name__, "message": str(exc), "transient": True}})
+        else:
+            click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        raise SystemExit(EXIT_FAILED) from None
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"

@@ -1,0 +1,94 @@
+"""What a VM scheduler calls: send a job to a host's queue, wait for its JSON result or its error.
+
+    client = RootfsClient(app)
+    rootfs = client.clone(host="hv-12", vm_id="vm-42", stack="node-20").result(timeout=60)
+
+A failure comes back as the worker's own RootfsError subclass (same type name, same message and data);
+a failure that is not ours (a crash, a time limit) as RemoteError; no answer in time as TaskTimeout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
+
+from worker.errors import RemoteError, RootfsError, TaskTimeout
+from worker.hosts import live_hosts
+from worker.queues import host_queues
+
+#: Called with the meta of each PROGRESS update: {"stack", "done", "total"}.
+ProgressHandler = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class JobHandle:
+    """One job sent to one host."""
+
+    result_handle: AsyncResult
+    task: str
+    host: str
+
+    @property
+    def id(self) -> str:
+        return str(self.result_handle.id)
+
+    def result(self, *, timeout: float | None = None, on_progress: ProgressHandler | None = None) -> Any:
+        """The job's JSON result; raises its error, or TaskTimeout when none came within `timeout`."""
+
+        def on_message(body: dict[str, Any]) -> None:
+            if on_progress is not None and body.get("status") == "PROGRESS" and isinstance(body.get("result"), dict):
+                on_progress(body["result"])
+
+        try:
+            return self.result_handle.get(
+                timeout=timeout, propagate=True, on_message=on_message, disable_sync_subtasks=False
+            )
+        except CeleryTimeout:
+            raise TaskTimeout(self.id, float(timeout or 0)) from None
+        except RootfsError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything else from the worker keeps its type name
+            raise RemoteError(type(exc).__name__, str(exc)) from exc
+
+
+class RootfsClient:
+    def __init__(self, app: Celery) -> None:
+        self._app = app
+
+    def clone(self, *, host: str, vm_id: str, stack: str, expires: float | None = None) -> JobHandle:
+        return self._send("rootfs.clone_for_vm", host=host, kwargs={"vm_id": vm_id, "stack": stack}, expires=expires)
+
+    def release(self, *, host: str, vm_id: str) -> JobHandle:
+        return self._send("rootfs.release_vm", host=host, kwargs={"vm_id": vm_id})
+
+    def stacks(self, *, host: str) -> JobHandle:
+        return self._send("rootfs.scan_stacks", host=host, kwargs={})
+
+    def warm(self, *, host: str) -> JobHandle:
+        return self._send("rootfs.warm_hashes", host=host, kwargs={}, bulk=True)
+
+    def ping(self, *, host: str) -> JobHandle:
+        return self._send("rootfs.ping", host=host, kwargs={})
+
+    def hosts(self) -> list[dict[str, Any]]:
+        """Hosts whose workers announced themselves within their heartbeat TTL."""
+        client = redis.Redis.from_url(str(self._app.conf.broker_url), socket_connect_timeout=5, socket_timeout=10)
+        try:
+            return live_hosts(client)
+        finally:
+            client.close()
+
+    def _send(
+        self, task: str, *, host: str, kwargs: dict[str, Any], bulk: bool = False, expires: float | None = None
+    ) -> JobHandle:
+        queues = host_queues(host)
+        handle = self._app.send_task(
+            task, kwargs={**kwargs, "host": host}, queue=queues.bulk if bulk else queues.fast, expires=expires
+        )
+        return JobHandle(handle, task, host)

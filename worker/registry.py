@@ -1,0 +1,487 @@
+"""The registry: list and hash template stacks, clone one per VM, release clones.
+
+On-disk layout, shared with the Rust runtime (both ways):
+
+    <template_dir>/<stack>/rootfs.ext4
+    <clones_dir>/<safe_vm_id>/rootfs.ext4          the VM's writable disk
+    <clones_dir>/<safe_vm_id>/rootfs.ext4.sha256   64 lowercase hex digits, no newline
+    <clones_dir>/<safe_vm_id>/.vm-id               ours only: the caller's original vm id
+
+and ours only, under names no safe vm id can take (safe ids have no dots):
+
+    <clones_dir>/.cache/hashes/   shared template-hash cache
+    <clones_dir>/.locks/          one flock file per VM
+    <clones_dir>/.trash/          released clones being deleted
+
+Crash safety rests on one invariant: `rootfs.ext4` exists only once it is complete, stamped and on disk.
+A clone is built as `.rootfs.ext4.partial`, flushed, stamped, and only then renamed into place; a release
+renames the VM's directory into `.trash` before deleting it. Everything for one VM happens under its flock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import stat
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from worker import cloning, hashing, locks
+from worker.config import RootfsConfig
+from worker.errors import (
+    FilesystemError,
+    RootfsError,
+    StackNotFound,
+    StampMismatch,
+    TemplateChanged,
+    VmIdConflict,
+)
+from worker.hashcache import FileKey, HashCache
+from worker.models import StackInfo, VmRootfs, WarmReport
+from worker.names import check_stack_name, check_vm_id, is_valid_stack_name
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_ROOTFS_FILE = "rootfs.ext4"
+CLONE_ROOTFS_FILE = "rootfs.ext4"
+CLONE_STAMP_FILE = "rootfs.ext4.sha256"
+OWNER_FILE = ".vm-id"
+PARTIAL_SUFFIX = ".partial"
+CACHE_DIR = ".cache"
+LOCKS_DIR = ".locks"
+TRASH_DIR = ".trash"
+#: In LOCKS_DIR; starts with a dot, so no safe vm id can take it.
+WARM_LOCK = ".warm.lock"
+
+#: (stack, bytes done, bytes total) while a template is being hashed.
+HashProgress = Callable[[str, int, int], None]
+
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _Template:
+    """An open template: every later read, hash and copy goes through this one fd, so a path swapped
+    underneath cannot make us hash one file and copy another."""
+
+    def __init__(self, name: str, path: Path, fd: int) -> None:
+        self.name = name
+        self.path = path
+        self.fd = fd
+        self.key = FileKey.of(os.fstat(fd))
+
+    def check_unchanged(self) -> None:
+        now = FileKey.of(os.fstat(self.fd))
+        if now != self.key:
+            raise TemplateChanged(str(self.path), f"size {self.key.size} -> {now.size}, stat changed")
+
+
+class RootfsRegistry:
+    """The filesystem core. Imports no Celery: tasks, CLI and tests all drive this class."""
+
+    def __init__(self, config: RootfsConfig) -> None:
+        self._config = config
+        self._cache = HashCache(config.clones_dir / CACHE_DIR / "hashes")
+
+    @classmethod
+    def from_env(cls) -> RootfsRegistry:
+        return cls(RootfsConfig.from_env())
+
+    @property
+    def config(self) -> RootfsConfig:
+        return self._config
+
+    # ----------------------------------------------------------------- stacks
+
+    def stacks(self, *, progress: HashProgress | None = None) -> list[StackInfo]:
+        """Every stack with a template, sorted by name; a missing template dir is an empty list."""
+        return [info for info, _ in self._scan(progress)]
+
+    def stack(self, name: str, *, progress: HashProgress | None = None) -> StackInfo | None:
+        """One stack by name, None when absent. An invalid name raises before any filesystem access."""
+        check_stack_name(name)
+        with self._open_template(name) as template:
+            if template is None:
+                return None
+            return self._info(template, progress)[0]
+
+    def warm(self, *, progress: HashProgress | None = None) -> WarmReport:
+        """Hash every template not in the shared cache yet, so no clone has to.
+
+        One warm-up per host at a time: a second one returns at once (`busy`) instead of tying up a
+        second worker process on the same hashes.
+        """
+        started = time.monotonic()
+        with locks.try_exclusive(self._config.clones_dir / LOCKS_DIR / WARM_LOCK) as mine:
+            if not mine:
+                return WarmReport(busy=True)
+            hashed: list[str] = []
+            warm: list[str] = []
+            failed: dict[str, str] = {}
+            total = 0
+            for name in self._stack_names():
+                try:
+                    with self._open_template(name) as template:
+                        if template is None:
+                            continue
+                        info, computed = self._info(template, progress)
+                except RootfsError as exc:
+                    failed[name] = f"{type(exc).__name__}: {exc}"
+                    continue
+                if computed:
+                    hashed.append(name)
+                    total += info.size_bytes
+                else:
+                    warm.append(name)
+        return WarmReport(tuple(hashed), tuple(warm), total, time.monotonic() - started, failed)
+
+    @staticmethod
+    def hash_file(path: str | os.PathLike[str]) -> str:
+        return hashing.hash_file(path)
+
+    def _scan(self, progress: HashProgress | None) -> Iterator[tuple[StackInfo, bool]]:
+        for name in self._stack_names():
+            with self._open_template(name) as template:
+                if template is not None:
+                    yield self._info(template, progress)
+
+    def _stack_names(self) -> list[str]:
+        tdir = self._config.template_dir
+        try:
+            entries = list(os.scandir(tdir))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise FilesystemError.from_os(exc, op="read template dir", path=tdir) from exc
+        names = []
+        for entry in entries:
+            # Names that are not UTF-8 are skipped, as the seed skips them: no caller could send them.
+            if is_valid_stack_name(entry.name) and _is_dir(entry):
+                names.append(entry.name)
+        return sorted(names)
+
+    def _resolve_template(self, name: str) -> tuple[Path, str] | None:
+        """The template path of `name` and its real path, or None when there is none inside the template
+        dir. Symlinks inside the template dir (a stack alias) are followed; one that leads outside is not."""
+        tdir = self._config.template_dir
+        path = tdir / name / TEMPLATE_ROOTFS_FILE
+        try:
+            real = os.path.realpath(path, strict=True)
+            root = os.path.realpath(tdir, strict=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return None
+            raise FilesystemError.from_os(exc, op="stat template", path=path) from exc
+        if not real.startswith(root.rstrip("/") + "/"):
+            log.warning("template %s resolves outside %s (%s); ignored", path, tdir, real)
+            return None
+        return path, real
+
+    def _has_template(self, name: str) -> bool:
+        with self._open_template(name) as template:
+            return template is not None
+
+    @contextlib.contextmanager
+    def _open_template(self, name: str) -> Iterator[_Template | None]:
+        """The template of `name`, opened, or None when it has none."""
+        resolved = self._resolve_template(name)
+        if resolved is None:
+            yield None
+            return
+        path, real = resolved
+        try:
+            # O_NONBLOCK: a FIFO planted as a template must not hang the worker; regular files ignore it.
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            yield None
+            return
+        except OSError as exc:
+            raise FilesystemError.from_os(exc, op="open template", path=path) from exc
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                yield None
+                return
+            yield _Template(name, path, fd)
+        finally:
+            os.close(fd)
+
+    def _info(self, template: _Template, progress: HashProgress | None) -> tuple[StackInfo, bool]:
+        """The template's info and whether its hash had to be computed now."""
+
+        def compute() -> str:
+            report = None if progress is None else (lambda done, total: progress(template.name, done, total))
+            digest = hashing.hash_fd(template.fd, path=str(template.path), progress=report)
+            template.check_unchanged()
+            return digest
+
+        digest, computed = self._cache.get_or_compute(template.key, compute)
+        return StackInfo(template.name, template.path, template.key.size, digest), computed
+
+    # ------------------------------------------------------------------ clones
+
+    def clone_for_vm(self, vm_id: str, stack: str, *, progress: HashProgress | None = None) -> VmRootfs:
+        """The VM's own copy of `stack`, made once: the same call again returns the same clone."""
+        safe_id = check_vm_id(vm_id)
+        check_stack_name(stack)
+        vm_dir = self._config.clones_dir / safe_id
+        with self._vm_lock(safe_id):
+            if not self._has_template(stack):
+                raise StackNotFound(stack, str(self._config.template_dir))
+            with self._open_vm_dir(vm_dir, create=False) as dir_fd:
+                if dir_fd is not None:
+                    self._check_owner(dir_fd, vm_dir, vm_id, safe_id)
+                    # Before the template is opened: unlinking a hard link to it changes its ctime.
+                    _clear_leftovers(dir_fd, vm_dir)
+            with self._open_template(stack) as template:
+                if template is None:
+                    raise StackNotFound(stack, str(self._config.template_dir))
+                return self._clone_from(template, vm_dir, vm_id, safe_id, progress)
+
+    def _clone_from(
+        self, template: _Template, vm_dir: Path, vm_id: str, safe_id: str, progress: HashProgress | None
+    ) -> VmRootfs:
+        info, _ = self._info(template, progress)
+        with self._open_vm_dir(vm_dir, create=True) as dir_fd:
+            assert dir_fd is not None
+            existing = self._existing_clone(dir_fd, vm_dir, safe_id, info)
+            self._claim(dir_fd, vm_dir, vm_id)
+            if not existing:
+                try:
+                    self._build_clone(dir_fd, vm_dir, template, info.sha256)
+                except BaseException:
+                    _discard_if_unused(dir_fd, vm_dir)
+                    raise
+        return VmRootfs(safe_id, info.name, vm_dir / CLONE_ROOTFS_FILE, info.sha256)
+
+    def release(self, vm_id: str) -> bool:
+        """Remove the VM's clone; True if there was one. Releasing twice is not an error."""
+        safe_id = check_vm_id(vm_id)
+        clones = self._config.clones_dir
+        vm_dir = clones / safe_id
+        with self._vm_lock(safe_id):
+            with self._open_vm_dir(vm_dir, create=False) as dir_fd:
+                if dir_fd is None:
+                    return False
+                self._check_owner(dir_fd, vm_dir, vm_id, safe_id)
+            trash = clones / TRASH_DIR
+            doomed = trash / f"{safe_id}.{uuid.uuid4().hex}"
+            try:
+                trash.mkdir(exist_ok=True)
+                os.rename(vm_dir, doomed)
+                _fsync_dir(clones)
+            except OSError as exc:
+                raise FilesystemError.from_os(exc, op="remove clone dir", path=vm_dir) from exc
+        self._empty_trash()
+        return True
+
+    # ---------------------------------------------------------------- helpers
+
+    def _vm_lock(self, safe_id: str) -> contextlib.AbstractContextManager[None]:
+        """Serialises clone and release of one VM across processes; the lock file goes with the VM."""
+        vm_dir = self._config.clones_dir / safe_id
+        path = self._config.clones_dir / LOCKS_DIR / f"{safe_id}.lock"
+        return locks.exclusive(path, remove_if=lambda: not os.path.lexists(vm_dir))
+
+    @contextlib.contextmanager
+    def _open_vm_dir(self, vm_dir: Path, *, create: bool) -> Iterator[int | None]:
+        """The VM's directory as an fd (never through a symlink), so every later step stays inside it."""
+        if create:
+            try:
+                vm_dir.parent.mkdir(parents=True, exist_ok=True)
+                os.mkdir(vm_dir, 0o755)
+                _fsync_dir(vm_dir.parent)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise FilesystemError.from_os(exc, op="create clone dir", path=vm_dir) from exc
+        try:
+            fd = os.open(vm_dir, _OPEN_DIR)
+        except FileNotFoundError:
+            if create:
+                raise
+            yield None
+            return
+        except OSError as exc:
+            # ELOOP/ENOTDIR: something other than a directory sits where the VM's directory belongs.
+            raise FilesystemError.from_os(exc, op="open clone dir", path=vm_dir) from exc
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _check_owner(self, dir_fd: int, vm_dir: Path, vm_id: str, safe_id: str) -> None:
+        owner = _read_text(dir_fd, OWNER_FILE, vm_dir)
+        if owner is not None and owner != vm_id:
+            raise VmIdConflict(vm_id, safe_id, owner)
+
+    def _claim(self, dir_fd: int, vm_dir: Path, vm_id: str) -> None:
+        """Record who owns the directory (also when adopting a clone the seed made)."""
+        if _read_text(dir_fd, OWNER_FILE, vm_dir) != vm_id:
+            _write_atomic(dir_fd, OWNER_FILE, vm_id.encode("utf-8", "surrogatepass"), vm_dir)
+
+    def _existing_clone(self, dir_fd: int, vm_dir: Path, safe_id: str, info: StackInfo) -> bool:
+        """True when a complete clone of these bytes is in place (ours or the seed's), False when none."""
+        try:
+            os.stat(CLONE_ROOTFS_FILE, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise FilesystemError.from_os(exc, op="stat clone", path=vm_dir / CLONE_ROOTFS_FILE) from exc
+        stamp = _read_text(dir_fd, CLONE_STAMP_FILE, vm_dir)
+        if stamp != info.sha256:
+            raise StampMismatch(safe_id, info.name, stamp or "", info.sha256)
+        return True
+
+    def _build_clone(self, dir_fd: int, vm_dir: Path, template: _Template, digest: str) -> None:
+        partial = CLONE_ROOTFS_FILE + PARTIAL_SUFFIX
+        dst_path = vm_dir / partial
+        try:
+            dst = os.open(
+                partial,
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                stat.S_IMODE(os.fstat(template.fd).st_mode) | 0o600,
+                dir_fd=dir_fd,
+            )
+        except OSError as exc:
+            raise FilesystemError.from_os(exc, op="create clone", path=dst_path) from exc
+        try:
+            try:
+                method = cloning.clone_fd(template.fd, dst, src_path=str(template.path), dst_path=str(dst_path))
+                # On disk before it is named: a power cut must never leave a complete-looking clone of zeros.
+                os.fsync(dst)
+            except OSError as exc:
+                raise FilesystemError.from_os(exc, op="flush clone", path=dst_path) from exc
+            finally:
+                os.close(dst)
+            template.check_unchanged()
+            _write_atomic(dir_fd, CLONE_STAMP_FILE, digest.encode("ascii"), vm_dir)
+            try:
+                os.rename(partial, CLONE_ROOTFS_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                os.fsync(dir_fd)
+            except OSError as exc:
+                raise FilesystemError.from_os(exc, op="rename clone", path=dst_path) from exc
+        except BaseException:
+            for leftover in (CLONE_STAMP_FILE, *_partials()):
+                with contextlib.suppress(RootfsError):
+                    _unlink(dir_fd, leftover, vm_dir)
+            raise
+        log.info("cloned %s to %s by %s", template.path, vm_dir / CLONE_ROOTFS_FILE, method)
+
+    def _empty_trash(self) -> None:
+        """Delete released clones; a failure leaves them for the next release, never fails this one."""
+        trash = self._config.clones_dir / TRASH_DIR
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(trash):
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path)
+                    else:
+                        os.unlink(entry.path)
+                except OSError as exc:
+                    log.warning("could not delete released clone %s: %s", entry.path, exc)
+
+
+def _partials() -> tuple[str, ...]:
+    return tuple(name + PARTIAL_SUFFIX for name in (CLONE_ROOTFS_FILE, CLONE_STAMP_FILE, OWNER_FILE))
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _read_text(dir_fd: int, name: str, vm_dir: Path) -> str | None:
+    """A small file's trimmed text (as the seed reads stamps), None when it does not exist."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise FilesystemError.from_os(exc, op="read", path=vm_dir / name) from exc
+    try:
+        raw = os.read(fd, 4096)
+    except OSError as exc:
+        raise FilesystemError.from_os(exc, op="read", path=vm_dir / name) from exc
+    finally:
+        os.close(fd)
+    return raw.decode("utf-8", "surrogatepass").strip()
+
+
+def _clear_leftovers(dir_fd: int, vm_dir: Path) -> None:
+    """Remove what an interrupted clone left: ours (partials, a stamp with no clone) or the seed's (a clone
+    with no stamp), and a clone that is a hard link (the seed's fallback): the VM would write into the
+    template. What remains is either a complete clone or nothing."""
+    try:
+        st = os.stat(CLONE_ROOTFS_FILE, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise FilesystemError.from_os(exc, op="stat clone", path=vm_dir / CLONE_ROOTFS_FILE) from exc
+    complete = (
+        st is not None
+        and stat.S_ISREG(st.st_mode)
+        and st.st_nlink == 1
+        and _read_text(dir_fd, CLONE_STAMP_FILE, vm_dir) is not None
+    )
+    doomed = list(_partials())
+    if not complete:
+        if st is not None:
+            log.warning("removing incomplete or shared clone in %s", vm_dir)
+        doomed += [CLONE_ROOTFS_FILE, CLONE_STAMP_FILE]
+    for name in doomed:
+        _unlink(dir_fd, name, vm_dir)
+
+def _discard_if_unused(dir_fd: int, vm_dir: Path) -> None:
+    """After a failed build, leave nothing behind: the directory goes unless it holds a clone."""
+    with contextlib.suppress(OSError, RootfsError):
+        if os.path.lexists(vm_dir / CLONE_ROOTFS_FILE):
+            return
+        for leftover in (CLONE_STAMP_FILE, OWNER_FILE, *_partials()):
+            _unlink(dir_fd, leftover, vm_dir)
+        os.rmdir(vm_dir)
+
+
+def _write_atomic(dir_fd: int, name: str, data: bytes, vm_dir: Path) -> None:
+    """Write, flush, rename: readers see the old file or the whole new one, also after a power cut."""
+    partial = name + PARTIAL_SUFFIX
+    try:
+        fd = os.open(
+            partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd
+        )
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(partial, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError as exc:
+        raise FilesystemError.from_os(exc, op="write", path=vm_dir / name) from exc
+
+
+def _unlink(dir_fd: int, name: str, vm_dir: Path) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        shutil.rmtree(vm_dir / name, ignore_errors=True)
+    except OSError as exc:
+        raise FilesystemError.from_os(exc, op="remove", path=vm_dir / name) from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

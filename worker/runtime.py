@@ -1,0 +1,26 @@
+"""Per-process singletons of a worker: its settings, registry and Redis client, built on first use."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import redis
+
+from worker.registry import RootfsRegistry
+from worker.settings import Settings
+
+
+@functools.cache
+def settings() -> Settings:
+    return Settings.from_env(os.environ)
+
+
+@functools.cache
+def registry() -> RootfsRegistry:
+    return RootfsRegistry(settings().rootfs)
+
+
+@functools.cache
+def redis_client() -> redis.Redis:
+    return redis.Redis.from_url(settings().broker_url, socket_connect_timeout=5, socket_timeout=10)
