@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from celery import Task
+from kombu import Queue
 
 from worker import runtime
 from worker.celery import app
@@ -116,7 +117,7 @@ def fanout_warm(self: Task) -> dict[str, Any]:
     hosts = [str(h["host"]) for h in live_hosts(runtime.redis_client())]
     for host in hosts:
         self.app.send_task(
-            "rootfs.warm_hashes", kwargs={"host": host}, queue=host_queues(host).bulk, expires=s.warm_interval
+            "rootfs.warm_hashes", kwargs={"host": host}, queue=Queue(host_queues(host).bulk), expires=s.warm_interval
         )
     return {"sent": hosts}
 

@@ -180,9 +180,7 @@ def test_progress_callback_error_propagates_and_stops_reader(tmp_path: Path) -> 
     assert reader_threads() == []
 
 
-def test_read_error_becomes_transient_filesystem_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_read_error_becomes_transient_filesystem_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An OSError while reading (EIO here) surfaces as FilesystemError(op="read") naming the path."""
     path = sparse_file(tmp_path / "e.ext4", 3 * RING)
     real_preadv = os.preadv

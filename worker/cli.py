@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
+import redis
+from kombu.exceptions import OperationalError
 
 from worker.client import JobHandle, RootfsClient
 from worker.errors import RootfsError
@@ -162,7 +164,7 @@ def _guard(as_json: bool, call: Callable[[], Any]) -> Any:
         else:
             click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         raise SystemExit(EXIT_TIMEOUT if type(exc).__name__ == "TaskTimeout" else EXIT_FAILED) from None
-    except OSError as exc:  # the broker is unreachable, for instance
+    except (OSError, redis.RedisError, OperationalError) as exc:  # the broker is unreachable, for instance
         if as_json:
             _print_json({"error": {"type": type(exc).__name__, "message": str(exc), "transient": True}})
         else:

@@ -17,6 +17,7 @@ import redis
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
+from kombu import Queue
 
 from worker.errors import RemoteError, RootfsError, TaskTimeout
 from worker.hosts import live_hosts
@@ -89,6 +90,11 @@ class RootfsClient:
     ) -> JobHandle:
         queues = host_queues(host)
         handle = self._app.send_task(
-            task, kwargs={**kwargs, "host": host}, queue=queues.bulk if bulk else queues.fast, expires=expires
+            task,
+            kwargs={**kwargs, "host": host},
+            # A Queue, not a name: a name must be in this app's task_queues, and must not be added there
+            # (task_create_missing_queues is off so that no process ever starts consuming another host's).
+            queue=Queue(queues.bulk if bulk else queues.fast),
+            expires=expires,
         )
         return JobHandle(handle, task, host)

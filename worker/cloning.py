@@ -1,6 +1,6 @@
 """Per-VM copies of a template image that share nothing writable with it.
 
-A reflink (FICLONE) costs a few metadata blocks and ~0.05 ms on XFS/btrfs. Where the filesystem cannot, the
+A reflink (FICLONE) costs a few metadata blocks and under a millisecond on XFS. Where the filesystem cannot, the
 copy must stay sparse: templates are mostly holes, and shutil.copyfile or a plain copy_file_range loop
 write those holes out as zeros (a 2 GiB image with 64 MiB of data becomes 2 GiB on disk). Never a hard link:
 the VM would write straight into the template.
@@ -24,17 +24,13 @@ _FICLONE = 0x40049409
 
 #: "This pair of files cannot be reflinked": other filesystem, other mount, no reflink support, not an ioctl
 #: this file knows. Anything else (ENOSPC, EIO, EPERM, ...) is a real failure and is raised.
-_NO_REFLINK = frozenset(
-    {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.ENOSYS}
-)
+_NO_REFLINK = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.ENOSYS})
 
 #: copy_file_range refusing the pair (cross-filesystem on Linux >= 5.19, old kernels, odd filesystems).
 _NO_COPY_FILE_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
 
 #: Errnos of a copy that are about the destination; the rest are blamed on the source being read.
-_DESTINATION_ERRNOS = frozenset(
-    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EPERM, errno.ETXTBSY}
-)
+_DESTINATION_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EPERM, errno.ETXTBSY})
 
 _COPY_BUF_SIZE = 1 << 20
 
@@ -48,7 +44,7 @@ def clone_fd(src_fd: int, dst_fd: int, *, src_path: str, dst_path: str) -> Clone
     src_stat = _fstat(src_fd, path=src_path)
     if _fstat(dst_fd, path=dst_path).st_size != 0:
         # A sparse copy writes only the data extents; old bytes in a non-empty target would show through.
-        raise InvalidArgument("destination", dst_path, "must be a new, empty file")
+        raise InvalidArgument(field="destination", value=dst_path, reason="must be a new, empty file")
     try:
         fcntl.ioctl(dst_fd, _FICLONE, src_fd)
     except OSError as exc:
@@ -90,7 +86,8 @@ def _sparse_copy(src_fd: int, dst_fd: int, *, size: int, src_path: str, dst_path
                 offset = _copy_file_range(src_fd, dst_fd, start, end, src_path=src_path, dst_path=dst_path)
                 use_copy_file_range = offset == end
             if offset < end:
-                buffer = buffer or memoryview(bytearray(_COPY_BUF_SIZE))
+                if buffer is None:
+                    buffer = memoryview(bytearray(_COPY_BUF_SIZE))
                 _copy_through(src_fd, dst_fd, offset, end, buffer, src_path=src_path, dst_path=dst_path)
     finally:
         # SEEK_DATA/SEEK_HOLE move the offset; the caller's descriptor should not notice. Cannot fail on a
@@ -155,9 +152,7 @@ def _copy_through(
         except OSError as exc:
             raise FilesystemError.from_os(exc, op="copy", path=src_path) from exc
         if got == 0:
-            raise TemplateChanged(
-                src_path, f"file ended at byte {offset}, inside a data extent, while copied"
-            )
+            raise TemplateChanged(src_path, f"file ended at byte {offset}, inside a data extent, while copied")
         written = 0
         while written < got:
             try:

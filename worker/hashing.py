@@ -103,7 +103,7 @@ def hash_fd(fd: int, *, path: str, progress: ProgressFn | None = None) -> str:
     if not stat.S_ISREG(st.st_mode):
         # A pipe or device reports st_size 0 and would hash as empty; refuse rather than lie.
         code = errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL
-        raise FilesystemError("read", path, code, "not a regular file")
+        raise FilesystemError(op="read", path=path, errno=code, strerror="not a regular file")
     before = _identity(st)
     size = st.st_size
     with contextlib.suppress(OSError):  # advisory: doubles kernel readahead for cold templates

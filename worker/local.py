@@ -81,15 +81,18 @@ class RedisServer:
 class CeleryProcess:
     """`celery -A worker worker|beat` with an environment of our choosing and its output in a log file."""
 
-    def __init__(self, role: str, env: Mapping[str, str], logfile: Path, *, args: list[str] | None = None) -> None:
+    def __init__(
+        self, role: str, env: Mapping[str, str], logfile: Path, *, args: list[str] | None = None, app: str = "worker"
+    ) -> None:
         self.role = role
+        self.app = app
         self.env = dict(env)
         self.logfile = logfile
         self.args = args or []
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> CeleryProcess:
-        cmd = [sys.executable, "-m", "celery", "-A", "worker", self.role, "--loglevel", "INFO", *self.args]
+        cmd = [sys.executable, "-m", "celery", "-A", self.app, self.role, "--loglevel", "INFO", *self.args]
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
         out = self.logfile.open("ab")
         self.proc = subprocess.Popen(

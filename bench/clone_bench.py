@@ -1,0 +1,261 @@
+"""2 and 3. One clone, ours against the seed's way (`cp` then `sync FILE`), on ext4 and on reflink XFS.
+
+Both sides end with the clone on disk: ours fsyncs before it reports (and stamps and renames), so the `cp`
+baseline is followed by `sync FILE`. The seed spawns both processes for every clone; on a reflink
+filesystem those two process starts are most of its cost, which is why the XFS target is so much tighter.
+Three diagnostics run in the same rotation and explain the numbers: the bare copy (clone_fd and one
+fsync), and the registry's durability steps as bare syscalls in today's order and in a proposed one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import fsync_order
+from bench.common import (
+    GIB,
+    MIB,
+    Context,
+    FsyncCount,
+    Row,
+    Section,
+    Target,
+    counting_fsyncs,
+    median,
+    mib,
+    ms,
+    ratio,
+    run,
+    timed,
+    write_sparse,
+)
+from bench.mounts import MountUnavailable, xfs_reflink
+from worker import cloning
+from worker.config import RootfsConfig
+from worker.registry import RootfsRegistry
+
+STACK = "big"
+TEMPLATE_SIZE = 2 * GIB
+TEMPLATE_DATA = 64 * MIB
+XFS_IMAGE_SIZE = 4 * GIB
+
+
+@dataclass
+class _Samples:
+    """Seconds (and st_blocks) of each repetition per contender, and one fsync-counted registry clone."""
+
+    template_blocks: int = 0
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+    bare_copy: list[float] = field(default_factory=list)
+    ours_blocks: list[int] = field(default_factory=list)
+    cp_blocks: list[int] = field(default_factory=list)
+    methods: set[str] = field(default_factory=set)
+    fsyncs: FsyncCount = field(default_factory=FsyncCount)
+    profiled: float = 0.0
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds.setdefault(name, []).append(seconds)
+
+    def med(self, name: str) -> float:
+        return median(self.seconds[name])
+
+
+@dataclass(frozen=True)
+class _Setup:
+    template: Path
+    template_fd: int
+    registry: RootfsRegistry
+    scratch: Path
+    reflink: str
+
+
+def run_ext4(ctx: Context) -> Section:
+    """2: no reflink, so both sides copy the 64 MiB of data (and only that, if they keep the holes)."""
+    section = Section("Clone on ext4")
+    root = ctx.workdir / "clone-ext4"
+    fs = _fstype(ctx.workdir)
+    s = _compare(ctx, root, reflink="auto", reps=ctx.reps(full=7, quick=2))
+    measure = f"Clone on {fs} (no reflink), 2 GiB sparse / 64 MiB data: time / `cp --reflink=auto` + `sync FILE`"
+    section.rows += [_time_row(s, measure, Target("<=", 1.5)), _blocks_row(s)]
+    section.notes += _notes(s, fs)
+    return section
+
+
+def run_xfs(ctx: Context) -> Section:
+    """3: reflink, so a clone is a metadata operation and the fixed costs (processes, fsyncs) are all."""
+    section = Section("Clone on XFS with reflink")
+    measure = (
+        "Clone on XFS reflink (loop device), 2 GiB sparse / 64 MiB data: time / `cp --reflink=always` + `sync FILE`"
+    )
+    try:
+        with xfs_reflink(ctx.workdir, size=XFS_IMAGE_SIZE) as mount:
+            s = _compare(ctx, mount, reflink="always", reps=ctx.reps(full=21, quick=5))
+    except MountUnavailable as exc:
+        section.rows.append(Row(measure, "—", "—", None, Target("<=", 0.25), skipped=str(exc)))
+        return section
+    section.rows.append(_time_row(s, measure, Target("<=", 0.25)))
+    section.notes += _notes(s, "xfs (reflink=1, on a loop device over a sparse image on the work dir)")
+    return section
+
+
+def _compare(ctx: Context, root: Path, *, reflink: str, reps: int) -> _Samples:
+    """All contenders in rotating order, `reps` times after one untimed warm-up round; medians reported."""
+    tdir = root / "templates"
+    template = write_sparse(tdir / STACK / "rootfs.ext4", size=TEMPLATE_SIZE, data=TEMPLATE_DATA)
+    registry = RootfsRegistry(RootfsConfig(tdir, root / "clones"))
+    registry.warm()  # the hash is section 4's subject; here only the clone is timed
+    (root / "scratch").mkdir()
+    fd = os.open(template, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        setup = _Setup(template, fd, registry, root / "scratch", reflink)
+        s = _Samples(template_blocks=os.stat(template).st_blocks)
+        steps = [_ours, _cp, _bare, _order("current"), _order("proposed")]
+        for i in range(reps + 1):
+            if i % 5 == 0:
+                ctx.log(f"clone ({root.name}): repetition {i}/{reps}")
+            shift = i % len(steps)
+            for step in steps[shift:] + steps[:shift]:
+                step(setup, i, s if i > 0 else _Samples())  # round 0 warms up; its samples are dropped
+        _profile(registry, s)
+    finally:
+        os.close(fd)
+    return s
+
+
+def _ours(setup: _Setup, i: int, s: _Samples) -> None:
+    vm_id = f"bench-vm-{i}"
+    seconds, rootfs = timed(lambda: setup.registry.clone_for_vm(vm_id, STACK))
+    s.add("ours", seconds)
+    s.ours_blocks.append(os.stat(rootfs.path).st_blocks)
+    setup.registry.release(vm_id)
+
+
+def _cp(setup: _Setup, i: int, s: _Samples) -> None:
+    dst = setup.scratch / f"cp-{i}.img"
+
+    def copy() -> None:
+        run(["cp", f"--reflink={setup.reflink}", str(setup.template), str(dst)])
+        run(["sync", str(dst)])
+
+    s.add("cp", timed(copy)[0])
+    s.cp_blocks.append(os.stat(dst).st_blocks)
+    dst.unlink()
+
+
+def _bare(setup: _Setup, i: int, s: _Samples) -> None:
+    """cloning.clone_fd and one fsync: the copy itself, without any of the registry's steps."""
+    dst = setup.scratch / f"bare-{i}.img"
+    out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        src, dst_name = str(setup.template), str(dst)
+        copy_s, method = timed(lambda: cloning.clone_fd(setup.template_fd, out, src_path=src, dst_path=dst_name))
+        sync_s, _ = timed(lambda: os.fsync(out))
+    finally:
+        os.close(out)
+        dst.unlink()
+    s.add("bare", copy_s + sync_s)
+    s.bare_copy.append(copy_s)
+    s.methods.add(method)
+
+
+def _order(name: str) -> Callable[[_Setup, int, _Samples], None]:
+    """The registry's syscalls in fsync_order's `name` order, timed, then deleted."""
+
+    def step(setup: _Setup, i: int, s: _Samples) -> None:
+        vm_dir = setup.scratch / f"{name}-{i}"
+        s.add(name, timed(lambda: fsync_order.ORDERS[name](setup.template_fd, vm_dir))[0])
+        shutil.rmtree(vm_dir)
+
+    return step
+
+
+def _profile(registry: RootfsRegistry, s: _Samples) -> None:
+    """One more clone, not in the table, with every fsync counted: where the registry's time goes."""
+    with counting_fsyncs() as count:
+        s.profiled, _ = timed(lambda: registry.clone_for_vm("bench-vm-profiled", STACK))
+    registry.release("bench-vm-profiled")
+    s.fsyncs = count
+
+
+def _time_row(s: _Samples, measure: str, target: Target) -> Row:
+    ours, cp = s.med("ours"), s.med("cp")
+    row = Row(measure, ms(ours), ms(cp), ratio(ours, cp), target)
+    if row.met is False:
+        row.why = _time_why(s, target)
+    return row
+
+
+def _blocks_row(s: _Samples) -> Row:
+    ours = median(s.ours_blocks)
+    row = Row(
+        "Clone on ext4: allocated blocks of the clone / of the template",
+        mib(ours * 512),
+        mib(s.template_blocks * 512),
+        ratio(ours, s.template_blocks),
+        Target("<=", 1.0),
+    )
+    if row.met is False:
+        row.why = (
+            f"the clone allocates {mib((ours - s.template_blocks) * 512)} more than the template: holes were "
+            "written out as data, or the copy's extents are more fragmented than the template's (each extent "
+            f"tree block counts). `cp --reflink=auto` allocated {mib(median(s.cp_blocks) * 512)} for the same file."
+        )
+    return row
+
+
+def _notes(s: _Samples, fs: str) -> list[str]:
+    samples = "; ".join(f"{name} {_list(values)}" for name, values in s.seconds.items())
+    return [
+        f"Clone on {fs}: template {mib(TEMPLATE_SIZE)} sparse with {mib(TEMPLATE_DATA)} of data in 8 extents, "
+        "fsynced after writing (its data stays in the page cache); the registry's hash cache warmed before "
+        f"timing; {len(s.seconds['ours'])} repetitions after one untimed warm-up round, all contenders in "
+        "rotating order, medians. Ours is `RootfsRegistry.clone_for_vm` in the benchmark process (lock, owner "
+        "file, copy, fsync, stamp, rename, directory fsyncs), released untimed after each repetition; `cp` "
+        "and `sync` are spawned as processes, as the seed does.",
+        f"Samples (ms): {samples}. `bare` = `cloning.clone_fd` (by {', '.join(sorted(s.methods))}) and one "
+        "fsync, no registry; `current` / `proposed` = the registry's syscalls alone in today's order and with "
+        "the owner file's fsync dropped and the clones-dir fsync moved last (bench/fsync_order.py).",
+        f"Diagnostics: the copy call alone {ms(median(s.bare_copy))}; one more registry clone with its fsyncs "
+        f"counted took {ms(s.profiled)}, of which {s.fsyncs.calls} fsyncs {ms(s.fsyncs.seconds)}; allocated: "
+        f"template {mib(s.template_blocks * 512)}, ours {mib(median(s.ours_blocks) * 512)}, "
+        f"cp {mib(median(s.cp_blocks) * 512)}.",
+    ]
+
+
+def _time_why(s: _Samples, target: Target) -> str:
+    ours, cp, bare = s.med("ours"), s.med("cp"), s.med("bare")
+    current, proposed = s.med("current"), s.med("proposed")
+    per_fsync = s.fsyncs.seconds / max(s.fsyncs.calls, 1)
+    return (
+        f"the copy itself with one fsync takes {ms(bare)} ({bare / cp:.2f}x the baseline); the registry's "
+        f"clone {ms(ours)}. A registry clone with its fsyncs counted made {s.fsyncs.calls} of them, "
+        f"{ms(s.fsyncs.seconds)} of its {ms(s.profiled)} ({ms(per_fsync)} each): the clones dir after mkdir, the "
+        "`.vm-id` owner file, the clone, the stamp, and the VM directory after the final rename, where the "
+        "baseline's `sync FILE` makes one. Each is a journal commit (on this loop device also a write and a "
+        f"flush of the image file). The same syscalls without the registry's Python take {ms(current)} "
+        f"({current / cp:.2f}x); reordered as bench/fsync_order.py proposes, {ms(proposed)} "
+        f"({proposed / cp:.2f}x): the rest, {ms(ours - current)}, is the registry's Python (locks, path "
+        "checks, opens). What would close it: (1) write `.vm-id` without its own fsync (the final directory "
+        "fsync commits its name; a crash can then leave it empty, so `_check_owner` in worker/registry.py "
+        "must treat an empty owner file as a missing one, where today it raises VmIdConflict); (2) fsync the "
+        "clones dir after the VM directory rather than right after mkdir: the same durability when the clone "
+        "is reported, and a journal that commits in order has usually committed it by then; (3) trim the "
+        f"registry's per-clone Python (it resolves and opens the template twice). Target here: "
+        f"{ms(cp * target.limit)}."
+    )
+
+
+def _fstype(path: Path) -> str:
+    """The filesystem type of `path` as findmnt names it (ext4, xfs, tmpfs, ...)."""
+    try:
+        return run(["findmnt", "-n", "-o", "FSTYPE", "-T", str(path)]).stdout.strip() or "unknown"
+    except (RuntimeError, OSError):
+        return "unknown"
+
+
+def _list(values: list[float]) -> str:
+    return ", ".join(f"{v * 1e3:.2f}" for v in values)
