@@ -25,8 +25,8 @@ from bench.common import (
     Section,
     Target,
     counting_fsyncs,
+    fmt_bytes,
     median,
-    mib,
     ms,
     ratio,
     run,
@@ -80,7 +80,7 @@ def run_ext4(ctx: Context) -> Section:
     fs = _fstype(ctx.workdir)
     s = _compare(ctx, root, reflink="auto", reps=ctx.reps(full=7, quick=2))
     measure = f"Clone on {fs} (no reflink), 2 GiB sparse / 64 MiB data: time / `cp --reflink=auto` + `sync FILE`"
-    section.rows += [_time_row(s, measure, Target("<=", 1.5)), _blocks_row(s)]
+    section.rows += [_time_row(s, measure, Target("<=", 1.5), on_loop=False), _blocks_row(s)]
     section.notes += _notes(s, fs)
     return section
 
@@ -97,7 +97,7 @@ def run_xfs(ctx: Context) -> Section:
     except MountUnavailable as exc:
         section.rows.append(Row(measure, "—", "—", None, Target("<=", 0.25), skipped=str(exc)))
         return section
-    section.rows.append(_time_row(s, measure, Target("<=", 0.25)))
+    section.rows.append(_time_row(s, measure, Target("<=", 0.25), on_loop=True))
     section.notes += _notes(s, "xfs (reflink=1, on a loop device over a sparse image on the work dir)")
     return section
 
@@ -181,11 +181,11 @@ def _profile(registry: RootfsRegistry, s: _Samples) -> None:
     s.fsyncs = count
 
 
-def _time_row(s: _Samples, measure: str, target: Target) -> Row:
+def _time_row(s: _Samples, measure: str, target: Target, *, on_loop: bool) -> Row:
     ours, cp = s.med("ours"), s.med("cp")
     row = Row(measure, ms(ours), ms(cp), ratio(ours, cp), target)
     if row.met is False:
-        row.why = _time_why(s, target)
+        row.why = _time_why(s, target, on_loop=on_loop)
     return row
 
 
@@ -193,16 +193,17 @@ def _blocks_row(s: _Samples) -> Row:
     ours = median(s.ours_blocks)
     row = Row(
         "Clone on ext4: allocated blocks of the clone / of the template",
-        mib(ours * 512),
-        mib(s.template_blocks * 512),
+        fmt_bytes(ours * 512),
+        fmt_bytes(s.template_blocks * 512),
         ratio(ours, s.template_blocks),
         Target("<=", 1.0),
     )
     if row.met is False:
         row.why = (
-            f"the clone allocates {mib((ours - s.template_blocks) * 512)} more than the template: holes were "
+            f"the clone allocates {fmt_bytes((ours - s.template_blocks) * 512)} more than the template: holes were "
             "written out as data, or the copy's extents are more fragmented than the template's (each extent "
-            f"tree block counts). `cp --reflink=auto` allocated {mib(median(s.cp_blocks) * 512)} for the same file."
+            f"tree block counts). `cp --reflink=auto` allocated {fmt_bytes(median(s.cp_blocks) * 512)} for the "
+            "same file."
         )
     return row
 
@@ -210,8 +211,8 @@ def _blocks_row(s: _Samples) -> Row:
 def _notes(s: _Samples, fs: str) -> list[str]:
     samples = "; ".join(f"{name} {_list(values)}" for name, values in s.seconds.items())
     return [
-        f"Clone on {fs}: template {mib(TEMPLATE_SIZE)} sparse with {mib(TEMPLATE_DATA)} of data in 8 extents, "
-        "fsynced after writing (its data stays in the page cache); the registry's hash cache warmed before "
+        f"Clone on {fs}: template {fmt_bytes(TEMPLATE_SIZE)} sparse with {fmt_bytes(TEMPLATE_DATA)} of data in 8 "
+        "extents, fsynced after writing (its data stays in the page cache); the registry's hash cache warmed before "
         f"timing; {len(s.seconds['ours'])} repetitions after one untimed warm-up round, all contenders in "
         "rotating order, medians. Ours is `RootfsRegistry.clone_for_vm` in the benchmark process (lock, owner "
         "file, copy, fsync, stamp, rename, directory fsyncs), released untimed after each repetition; `cp` "
@@ -221,12 +222,12 @@ def _notes(s: _Samples, fs: str) -> list[str]:
         "the owner file's fsync dropped and the clones-dir fsync moved last (bench/fsync_order.py).",
         f"Diagnostics: the copy call alone {ms(median(s.bare_copy))}; one more registry clone with its fsyncs "
         f"counted took {ms(s.profiled)}, of which {s.fsyncs.calls} fsyncs {ms(s.fsyncs.seconds)}; allocated: "
-        f"template {mib(s.template_blocks * 512)}, ours {mib(median(s.ours_blocks) * 512)}, "
-        f"cp {mib(median(s.cp_blocks) * 512)}.",
+        f"template {fmt_bytes(s.template_blocks * 512)}, ours {fmt_bytes(median(s.ours_blocks) * 512)}, "
+        f"cp {fmt_bytes(median(s.cp_blocks) * 512)}.",
     ]
 
 
-def _time_why(s: _Samples, target: Target) -> str:
+def _time_why(s: _Samples, target: Target, *, on_loop: bool) -> str:
     ours, cp, bare = s.med("ours"), s.med("cp"), s.med("bare")
     current, proposed = s.med("current"), s.med("proposed")
     per_fsync = s.fsyncs.seconds / max(s.fsyncs.calls, 1)
@@ -235,8 +236,9 @@ def _time_why(s: _Samples, target: Target) -> str:
         f"clone {ms(ours)}. A registry clone with its fsyncs counted made {s.fsyncs.calls} of them, "
         f"{ms(s.fsyncs.seconds)} of its {ms(s.profiled)} ({ms(per_fsync)} each): the clones dir after mkdir, the "
         "`.vm-id` owner file, the clone, the stamp, and the VM directory after the final rename, where the "
-        "baseline's `sync FILE` makes one. Each is a journal commit (on this loop device also a write and a "
-        f"flush of the image file). The same syscalls without the registry's Python take {ms(current)} "
+        "baseline's `sync FILE` makes one. Each is a journal commit"
+        + (" (on this loop device also a write and a flush of the image file)" if on_loop else "")
+        + f". The same syscalls without the registry's Python take {ms(current)} "
         f"({current / cp:.2f}x); reordered as bench/fsync_order.py proposes, {ms(proposed)} "
         f"({proposed / cp:.2f}x): the rest, {ms(ours - current)}, is the registry's Python (locks, path "
         "checks, opens). What would close it: (1) write `.vm-id` without its own fsync (the final directory "

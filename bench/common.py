@@ -168,8 +168,9 @@ def gbps(bytes_per_second: float) -> str:
     return f"{bytes_per_second / 1e9:.3g} GB/s"
 
 
-def mib(nbytes: float) -> str:
-    return f"{nbytes / MIB:.3g} MiB"
+def fmt_bytes(nbytes: float) -> str:
+    """Bytes in the unit a reader expects: GiB from 1 GiB up, else MiB."""
+    return f"{nbytes / GIB:.3g} GiB" if nbytes >= GIB else f"{nbytes / MIB:.3g} MiB"
 
 
 def run(argv: Sequence[str], *, timeout: float = 300) -> subprocess.CompletedProcess[str]:

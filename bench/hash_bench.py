@@ -21,9 +21,9 @@ from bench.common import (
     Row,
     Section,
     Target,
+    fmt_bytes,
     gbps,
     median,
-    mib,
     ratio,
     read_through,
     run,
@@ -149,7 +149,7 @@ def _throughput_rows(s: _Samples) -> list[Row]:
 def _throughput_notes(s: _Samples, size: int) -> list[str]:
     cpu_time = _openssl_speed(elapsed=False)
     return [
-        f"Hash: a {mib(size)} file of random data written just before and read once, so every timed read hit "
+        f"Hash: a {fmt_bytes(size)} file of random data written just before and read once, so every timed read hit "
         f"the page cache; {len(s.ours)} rounds, contenders in rotating order, medians. Ours is "
         "`RootfsRegistry.hash_file` in the benchmark process; `openssl speed -elapsed -evp sha256 -bytes 1048576` "
         "(wall time, like ours); `sha256sum FILE` timed as a process.",
@@ -200,21 +200,23 @@ def _rss_row(ctx: Context, section: Section) -> Row:
         path.unlink()
     ours, floor = hashed["maxrss_kib"] * 1024, idle["maxrss_kib"] * 1024
     section.notes.append(
-        f"Peak RSS: ru_maxrss of a fresh `python -m bench.child hash-rss` that hashed a 4 GiB sparse file "
-        f"(all holes, nothing to read from disk) in {hashed['seconds']:.2f} s; the baseline is the same "
-        "interpreter with the same imports that hashed nothing."
+        "Peak RSS: VmHWM (peak resident set of the process image) of a fresh `python -m bench.child hash-rss` "
+        f"that hashed a 4 GiB sparse file (all holes) in {hashed['seconds']:.2f} s, most of it system time "
+        "filling the page cache with zeroed pages (see the warm/cold notes); the baseline is the same interpreter "
+        "with the same imports that hashed nothing. Not ru_maxrss: Linux keeps it across execve, so a child "
+        "reports at least the benchmark process's own peak."
     )
     row = Row(
         "Peak RSS hashing a 4 GiB sparse file (ours / same process idle)",
-        mib(ours),
-        mib(floor),
+        fmt_bytes(ours),
+        fmt_bytes(floor),
         ratio(ours, floor),
         Target("<", RSS_LIMIT_MIB, "MiB"),
         value=ours / MIB,
     )
     if row.met is False:
         row.why = (
-            f"the hash added {mib(ours - floor)} over the idle interpreter; worker/hashing.py allocates a fixed "
+            f"the hash added {fmt_bytes(ours - floor)} over the idle interpreter; worker/hashing.py allocates a fixed "
             "ring of buffers (4 x 1 MiB), so growth beyond that means a buffer per chunk is being kept alive."
         )
     return row

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.celery_host import Host, celery_host
-from bench.common import MIB, Context, Row, Section, Target, median, mib, ms, ratio, write_filled
+from bench.common import MIB, Context, Row, Section, Target, fmt_bytes, median, ms, ratio, write_filled
 from worker.registry import CACHE_DIR
 
 HOST = "bench-scan"
@@ -97,8 +97,13 @@ def _rows(s: _Samples) -> list[Row]:
     warm, cold = median([x.seconds for x in s.warm]), median([x.seconds for x in s.cold])
     warm_hashed = max(x.hashed for x in s.warm)
     cold_hashed = min(x.hashed for x in s.cold)
-    timing = Row(f"`scan_stacks` over {STACKS} stacks: warm cache / cold cache (time)", ms(warm), ms(cold),
-                 ratio(warm, cold), None)
+    timing = Row(
+        f"`scan_stacks` over {STACKS} stacks: warm cache / cold cache (time)",
+        ms(warm),
+        ms(cold),
+        ratio(warm, cold),
+        None,
+    )
     hashing = Row(
         f"`scan_stacks` over {STACKS} stacks, warm cache: templates hashed (most in any warm scan / fewest cold)",
         str(warm_hashed),
@@ -124,7 +129,7 @@ def _why(s: _Samples) -> str:
 def _notes(s: _Samples, size: int) -> list[str]:
     per_round = _list([x.seconds for x in s.cold]), _list([x.seconds for x in s.warm])
     return [
-        f"Scan: {STACKS} stacks of {mib(size)} each (random data, in the page cache), scanned through the worker "
+        f"Scan: {STACKS} stacks of {fmt_bytes(size)} each (random data, in the page cache), scanned through the worker "
         f"of section 5's kind (own Redis, `--concurrency 2`). {len(s.cold)} rounds of one cold scan then "
         f"{WARM_SCANS} warm ones; before each round after the first every template's ctime was moved "
         "(`os.utime`), which changes its cache key, so the cold scan misses in the workers' memory as well as "
@@ -139,4 +144,3 @@ def _notes(s: _Samples, size: int) -> list[str]:
 
 def _list(values: list[float]) -> str:
     return ", ".join(f"{v * 1e3:.1f}" for v in values)
-

@@ -20,8 +20,8 @@ from bench.common import (
     Row,
     Section,
     Target,
+    fmt_bytes,
     median,
-    mib,
     ms,
     ratio,
     read_through,
@@ -99,8 +99,8 @@ def _row(s: _Samples) -> Row:
     )
     if row.met is False:
         row.why = (
-            f"the warm clone hashed {mib(max(s.warm_hashed))} (should be 0) and took {ms(warm)}; the cold one "
-            f"hashed {mib(max(s.cold_hashed))} in {ms(cold)}. With nothing hashed, what is left of the warm "
+            f"the warm clone hashed {fmt_bytes(max(s.warm_hashed))} (should be 0) and took {ms(warm)}; the cold one "
+            f"hashed {fmt_bytes(max(s.cold_hashed))} in {ms(cold)}. With nothing hashed, what is left of the warm "
             "clone is the sparse copy of the 64 MiB of data and its fsync (ext4 has no reflink), whose cost is "
             "set by the disk, not the CPU: the ratio tightens with larger templates and loosens on faster CPUs. "
             "What would close it: a reflink filesystem for the clones (section 3's clone is about a "
@@ -111,8 +111,8 @@ def _row(s: _Samples) -> Row:
 
 def _notes(s: _Samples) -> list[str]:
     return [
-        f"Warm/cold: template {mib(TEMPLATE_SIZE)} sparse with {mib(TEMPLATE_DATA)} of data on ext4, fsynced "
-        "after writing and then read once in full before anything was timed, so the whole file, holes "
+        f"Warm/cold: template {fmt_bytes(TEMPLATE_SIZE)} sparse with {fmt_bytes(TEMPLATE_DATA)} of data on ext4, "
+        "fsynced after writing and then read once in full before anything was timed, so the whole file, holes "
         "included, was in the page cache for every timed read; caches were not dropped. That first read took "
         f"{s.first_read:.2f} s, against about {median(s.cold):.2f} s for a cold clone that found it "
         "cached: on ext4 reading a hole the first time allocates and zeroes page-cache pages (system time), "
@@ -131,4 +131,4 @@ def _list(values: list[float]) -> str:
 
 
 def _bytes(values: list[int]) -> str:
-    return ", ".join(mib(v) for v in values)
+    return ", ".join(fmt_bytes(v) for v in values)

@@ -69,8 +69,15 @@ def _run(task: Task, call: Callable[[], T]) -> T:
             log.warning("%s failed for good after %d retries: %s: %s", task.name, attempt, type(exc).__name__, exc)
             raise
         delay = backoff(attempt, base=s.retry_base, cap=s.retry_cap)
-        log.info("%s: transient %s (%s); retry %d/%d in %.1fs", task.name, type(exc).__name__, exc,
-                 attempt + 1, s.retry_max, delay)
+        log.info(
+            "%s: transient %s (%s); retry %d/%d in %.1fs",
+            task.name,
+            type(exc).__name__,
+            exc,
+            attempt + 1,
+            s.retry_max,
+            delay,
+        )
         raise task.retry(exc=exc, countdown=delay, max_retries=s.retry_max) from exc
 
 

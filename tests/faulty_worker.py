@@ -27,4 +27,4 @@ def _flaky_clone_fd(src: int, dst: int, **kw: Any) -> cloning.CloneMethod:
     return _real_clone_fd(src, dst, **kw)
 
 
-cloning.clone_fd = _flaky_clone_fd
+cloning.clone_fd = _flaky_clone_fd  # type: ignore[assignment]

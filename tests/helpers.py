@@ -16,9 +16,7 @@ def write_template(template_dir: Path, stack: str, data: bytes) -> Path:
     return path
 
 
-def write_sparse_template(
-    template_dir: Path, stack: str, *, size: int, data_mib: int, chunks: int = 8
-) -> Path:
+def write_sparse_template(template_dir: Path, stack: str, *, size: int, data_mib: int, chunks: int = 8) -> Path:
     """A sparse image of `size` bytes holding `data_mib` MiB of non-zero data spread over `chunks` extents."""
     path = template_dir / stack / "rootfs.ext4"
     path.parent.mkdir(parents=True, exist_ok=True)

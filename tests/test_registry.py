@@ -24,9 +24,10 @@ from worker import (
     StampMismatch,
     TemplateChanged,
     VmIdConflict,
+    cloning,
+    hashing,
     safe_vm_id,
 )
-from worker import cloning, hashing
 from worker.config import DEFAULT_CLONES_DIR, DEFAULT_TEMPLATE_DIR
 
 ABC = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
@@ -331,7 +332,11 @@ def test_clone_killed_mid_copy_leaves_no_complete_looking_file(env: Env) -> None
     assert not (env.clones_dir / "vm-1" / "rootfs.ext4").exists()
     rootfs = env.registry.clone_for_vm("vm-1", "big")
     assert sha256_of(rootfs.path) == env.expected[path]
-    assert sorted(p.name for p in (env.clones_dir / "vm-1").iterdir()) == [".vm-id", "rootfs.ext4", "rootfs.ext4.sha256"]
+    assert sorted(p.name for p in (env.clones_dir / "vm-1").iterdir()) == [
+        ".vm-id",
+        "rootfs.ext4",
+        "rootfs.ext4.sha256",
+    ]
 
 
 def _clone_and_report(args: tuple[str, str, str]) -> tuple[str, str, int]:

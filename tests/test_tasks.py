@@ -16,7 +16,7 @@ import redis
 from kombu import Connection, Exchange, Producer, Queue
 
 from tests.helpers import MIB, write_sparse_template
-from tests.queue import Host, StartHost
+from tests.queue import StartHost
 from worker import (
     FilesystemError,
     InvalidArgument,
@@ -74,7 +74,9 @@ def test_job_misrouted_to_another_host_is_refused(start_host: StartHost, client:
     a = start_host("a")
     a.template("base", b"x")
     handle = client._app.send_task(
-        "rootfs.clone_for_vm", kwargs={"vm_id": "vm-1", "stack": "base", "host": "b"}, queue=Queue(host_queues("a").fast)
+        "rootfs.clone_for_vm",
+        kwargs={"vm_id": "vm-1", "stack": "base", "host": "b"},
+        queue=Queue(host_queues("a").fast),
     )
     with pytest.raises(InvalidArgument, match="serves host 'a'"):
         handle.get(timeout=30)
@@ -155,7 +157,9 @@ def test_transient_error_that_persists_is_reported_with_its_cause(
     assert not (a.clones_dir / "vm-1").exists()
 
 
-def test_pickle_message_is_refused_and_never_unpickled(start_host: StartHost, client: RootfsClient, tmp_path: Path) -> None:
+def test_pickle_message_is_refused_and_never_unpickled(
+    start_host: StartHost, client: RootfsClient, tmp_path: Path
+) -> None:
     """A pickle-serialised job is rejected unread: its payload never runs, and the worker goes on."""
     a = start_host("a")
     marker = tmp_path / "pwned"
@@ -188,7 +192,9 @@ def test_malformed_messages_fail_cleanly_and_the_worker_goes_on(start_host: Star
     with pytest.raises(InvalidVmId, match="must be a string"):
         client.clone(host="a", vm_id=123, stack="base").result(timeout=30)  # type: ignore[arg-type]
     with pytest.raises(RemoteError, match="TypeError"):
-        JobHandle(app.send_task("rootfs.release_vm", kwargs={"host": "a"}, queue=fast), "release", "a").result(timeout=30)
+        JobHandle(app.send_task("rootfs.release_vm", kwargs={"host": "a"}, queue=fast), "release", "a").result(
+            timeout=30
+        )
     with Connection(app.conf.broker_url) as conn:
         producer = Producer(conn, exchange=Exchange(""))
         for body, headers in [
@@ -199,8 +205,13 @@ def test_malformed_messages_fail_cleanly_and_the_worker_goes_on(start_host: Star
             ([[], {}, {}], {"task": "rootfs.no_such_task", "id": "unknown-task"}),
         ]:
             if isinstance(body, str):
-                producer.publish(body, routing_key=fast.name, content_type="application/json",
-                                 content_encoding="utf-8", headers={**headers, "lang": "py"})
+                producer.publish(
+                    body,
+                    routing_key=fast.name,
+                    content_type="application/json",
+                    content_encoding="utf-8",
+                    headers={**headers, "lang": "py"},
+                )
             else:
                 producer.publish(body, routing_key=fast.name, serializer="json", headers={**headers, "lang": "py"})
     _wait_for(lambda: "unknown-task" in a.worker.log() or "no_such_task" in a.worker.log(), what="unknown task logged")
@@ -262,8 +273,10 @@ def test_beat_warms_every_live_host_and_clones_then_hash_nothing(
     beat.start()
     try:
         for host in (a, b):
-            _wait_for(lambda h=host: "rootfs.warm_hashes" in h.worker.log() and "succeeded" in h.worker.log(),
-                      what=f"warm-up on {host.name}")
+            _wait_for(
+                lambda h=host: "rootfs.warm_hashes" in h.worker.log() and "succeeded" in h.worker.log(),
+                what=f"warm-up on {host.name}",
+            )
     finally:
         beat.stop()
     for host in (a, b):

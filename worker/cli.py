@@ -58,10 +58,13 @@ def hosts(as_json: bool) -> None:
     if as_json:
         _print_json(found)
         return
-    _table(["HOST", "NODE", "PID", "LAST SEEN"], [
-        [h["host"], h.get("node", ""), h.get("pid", ""), f"{time.time() - float(h.get('seen', 0)):.0f}s ago"]
-        for h in found
-    ])
+    _table(
+        ["HOST", "NODE", "PID", "LAST SEEN"],
+        [
+            [h["host"], h.get("node", ""), h.get("pid", ""), f"{time.time() - float(h.get('seen', 0)):.0f}s ago"]
+            for h in found
+        ],
+    )
 
 
 @main.command()
@@ -113,7 +116,9 @@ def clone(vm_id: str, stack: str, host: str | None, timeout: float, as_json: boo
     if as_json:
         _print_json(result)
         return
-    click.echo(f"{result['vm_id']}: {result['path']} ({result['stack']} {result['source_sha256'][:12]}) on {result['host']}")
+    click.echo(
+        f"{result['vm_id']}: {result['path']} ({result['stack']} {result['source_sha256'][:12]}) on {result['host']}"
+    )
 
 
 @main.command()

@@ -54,7 +54,7 @@ class JobHandle:
             raise TaskTimeout(self.id, float(timeout or 0)) from None
         except RootfsError:
             raise
-        except Exception as exc:  # noqa: BLE001 - anything else from the worker keeps its type name
+        except Exception as exc:
             raise RemoteError(type(exc).__name__, str(exc)) from exc
 
 

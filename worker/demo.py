@@ -103,14 +103,32 @@ def main() -> int:
 
 def run_scenario(client: RootfsClient, host: str) -> None:
     show("rootfs-worker hosts (live hosts, from their heartbeats)", lambda: [h["host"] for h in client.hosts()])
-    show("warm (hash every template now; the worker also did so when it started)", lambda: client.warm(host=host).result(timeout=120))
+    show(
+        "warm (hash every template now; the worker also did so when it started)",
+        lambda: client.warm(host=host).result(timeout=120),
+    )
     show("scan_stacks", lambda: client.stacks(host=host).result(timeout=60))
     show("clone_for_vm vm-1 base", lambda: client.clone(host=host, vm_id="vm-1", stack="base").result(timeout=60))
-    show("clone_for_vm vm-1 base again (idempotent: same clone)", lambda: client.clone(host=host, vm_id="vm-1", stack="base").result(timeout=60))
-    show("clone_for_vm 'vm/2' node-20 (sanitised to vm_2)", lambda: client.clone(host=host, vm_id="vm/2", stack="node-20").result(timeout=60))
-    show("clone_for_vm 'vm:2' node-20 (also vm_2: refused, never the same disk)", lambda: client.clone(host=host, vm_id="vm:2", stack="node-20").result(timeout=60))
-    show("clone_for_vm vm-3 ghost (unknown stack: fails at once)", lambda: client.clone(host=host, vm_id="vm-3", stack="ghost").result(timeout=60))
-    show("clone_for_vm vm-4 '../../etc' (hostile name: refused before any access)", lambda: client.clone(host=host, vm_id="vm-4", stack="../../etc").result(timeout=60))
+    show(
+        "clone_for_vm vm-1 base again (idempotent: same clone)",
+        lambda: client.clone(host=host, vm_id="vm-1", stack="base").result(timeout=60),
+    )
+    show(
+        "clone_for_vm 'vm/2' node-20 (sanitised to vm_2)",
+        lambda: client.clone(host=host, vm_id="vm/2", stack="node-20").result(timeout=60),
+    )
+    show(
+        "clone_for_vm 'vm:2' node-20 (also vm_2: refused, never the same disk)",
+        lambda: client.clone(host=host, vm_id="vm:2", stack="node-20").result(timeout=60),
+    )
+    show(
+        "clone_for_vm vm-3 ghost (unknown stack: fails at once)",
+        lambda: client.clone(host=host, vm_id="vm-3", stack="ghost").result(timeout=60),
+    )
+    show(
+        "clone_for_vm vm-4 '../../etc' (hostile name: refused before any access)",
+        lambda: client.clone(host=host, vm_id="vm-4", stack="../../etc").result(timeout=60),
+    )
     show("release_vm vm-1", lambda: client.release(host=host, vm_id="vm-1").result(timeout=60))
     show("release_vm vm/2", lambda: client.release(host=host, vm_id="vm/2").result(timeout=60))
     show("release_vm vm-1 again (idempotent)", lambda: client.release(host=host, vm_id="vm-1").result(timeout=60))

@@ -117,9 +117,7 @@ class VmIdConflict(RootfsError):
     owner: str
 
     def describe(self) -> str:
-        return (
-            f"vm id {self.vm_id!r} maps to clone directory {self.safe_id!r}, which belongs to vm id {self.owner!r}"
-        )
+        return f"vm id {self.vm_id!r} maps to clone directory {self.safe_id!r}, which belongs to vm id {self.owner!r}"
 
 
 @dataclass(eq=False)

@@ -55,9 +55,23 @@ class RedisServer:
             raise RuntimeError("redis-server is not installed (scripts/bootstrap.sh installs it)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         args = [
-            exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.workdir),
-            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
-            "--maxmemory-policy", "noeviction", "--daemonize", "no",
+            exe,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            str(self.workdir),
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
+            "--maxmemory-policy",
+            "noeviction",
+            "--daemonize",
+            "no",
         ]
         log = (self.workdir / "redis.log").open("ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

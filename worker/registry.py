@@ -439,6 +439,7 @@ def _clear_leftovers(dir_fd: int, vm_dir: Path) -> None:
     for name in doomed:
         _unlink(dir_fd, name, vm_dir)
 
+
 def _discard_if_unused(dir_fd: int, vm_dir: Path) -> None:
     """After a failed build, leave nothing behind: the directory goes unless it holds a clone."""
     with contextlib.suppress(OSError, RootfsError):

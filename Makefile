@@ -1,0 +1,23 @@
+# Developer chores; each target is a thin call to the project's scripts or tools.
+.PHONY: setup lint typecheck test test-fast bench demo
+
+setup:
+	bash scripts/bootstrap.sh
+
+lint: setup
+	.venv/bin/ruff check .
+
+typecheck: setup
+	.venv/bin/mypy
+
+test:
+	bash scripts/test.sh
+
+test-fast: setup
+	.venv/bin/pytest -m "not slow"
+
+bench:
+	bash scripts/bench.sh
+
+demo:
+	bash scripts/demo.sh
