@@ -182,7 +182,8 @@ def test_progress_callback_error_propagates_and_stops_reader(tmp_path: Path) -> 
 
 def test_read_error_becomes_transient_filesystem_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An OSError while reading (EIO here) surfaces as FilesystemError(op="read") naming the path."""
-    path = sparse_file(tmp_path / "e.ext4", 3 * RING)
+    path = tmp_path / "e.ext4"
+    path.write_bytes(os.urandom(3 * RING))  # data, not holes: holes are never read
     real_preadv = os.preadv
     calls = 0
 
@@ -199,3 +200,16 @@ def test_read_error_becomes_transient_filesystem_error(tmp_path: Path, monkeypat
     assert (info.value.op, info.value.path, info.value.errno) == ("read", str(path), errno.EIO)
     assert info.value.transient
     assert reader_threads() == []
+
+
+def test_sparse_file_hashes_as_its_bytes(tmp_path: Path) -> None:
+    """Holes hashed from memory give the digest of the file's bytes: data at odd offsets and at the end."""
+    size = 40 * hashing._BUF_SIZE + 12345
+    data = {
+        0: b"head",
+        3 * hashing._BUF_SIZE + 17: os.urandom(70_000),
+        20 * hashing._BUF_SIZE: b"mid" * 999,
+        size - 5: b"tail!",
+    }
+    path = sparse_file(tmp_path / "s.ext4", size, data)
+    assert hash_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()

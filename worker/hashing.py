@@ -36,6 +36,10 @@ class _Chunk(NamedTuple):
     length: int
 
 
+class _Zeros(NamedTuple):
+    length: int
+
+
 class _ShortRead(NamedTuple):
     offset: int
 
@@ -45,7 +49,12 @@ class _Failed(NamedTuple):
 
 
 # None on the filled queue: the reader read the whole expected size.
-_Message = _Chunk | _ShortRead | _Failed | None
+_Message = _Chunk | _Zeros | _ShortRead | _Failed | None
+
+#: Hashed in place of a hole's bytes, which are zeros by definition.
+_ZEROS = memoryview(bytes(_BUF_SIZE))
+#: A hole is announced in steps of this many bytes, so even a TB-sized hole is a few thousand messages.
+_HOLE_STEP = 64 * _BUF_SIZE
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int]:
@@ -67,15 +76,29 @@ def _read_ring(
     filled: SimpleQueue[_Message],
     stop: threading.Event,
 ) -> None:
-    """Reader thread: every path out of here puts a final message, so the consumer never waits forever."""
+    """Reader thread: every path out of here puts a final message, so the consumer never waits forever.
+
+    Holes are not read: reading one makes the kernel fill page cache with zero pages at ~0.4 GB/s, five
+    times slower than hashing, and evicts useful pages. They are sent as `_Zeros` and hashed from memory.
+    """
     try:
         offset = 0
+        region_end, in_hole = 0, False
         while offset < size:
+            if stop.is_set():
+                return
+            if offset >= region_end:
+                region_end, in_hole = _region_at(fd, offset, size)
+            if in_hole:
+                n = min(_HOLE_STEP, region_end - offset)
+                filled.put(_Zeros(n))
+                offset += n
+                continue
             slot = free.get()
             if slot is None or stop.is_set():
                 return
             view = views[slot]
-            want = min(len(view), size - offset)
+            want = min(len(view), region_end - offset)
             got = 0
             while got < want:
                 n = os.preadv(fd, [view[got:want]], offset + got)
@@ -88,6 +111,23 @@ def _read_ring(
         filled.put(None)
     except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
         filled.put(_Failed(exc))
+
+
+def _region_at(fd: int, offset: int, size: int) -> tuple[int, bool]:
+    """(end, is_hole) of the data extent or hole that starts at `offset`; all data where seeking is unknown."""
+    try:
+        data = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # no data after offset: the rest is one hole
+            return size, True
+        return size, False  # SEEK_DATA unsupported here: read everything
+    if data > offset:
+        return min(data, size), True
+    try:
+        hole = os.lseek(fd, offset, os.SEEK_HOLE)
+    except OSError:
+        return size, False
+    return max(min(hole, size), offset + 1), False
 
 
 def hash_fd(fd: int, *, path: str, progress: ProgressFn | None = None) -> str:
@@ -121,6 +161,7 @@ def hash_fd(fd: int, *, path: str, progress: ProgressFn | None = None) -> str:
     digest = hashlib.sha256()
     done = 0
     next_report = _PROGRESS_EVERY
+    saved_offset = os.lseek(fd, 0, os.SEEK_CUR)  # SEEK_DATA/SEEK_HOLE move it; callers may rely on it
     reader.start()
     try:
         while (message := filled.get()) is not None:
@@ -130,8 +171,14 @@ def hash_fd(fd: int, *, path: str, progress: ProgressFn | None = None) -> str:
                 raise message.error
             if isinstance(message, _ShortRead):
                 raise TemplateChanged(path, f"file ended at byte {message.offset} of {size}")
-            digest.update(views[message.slot][: message.length])
-            free.put(message.slot)
+            if isinstance(message, _Zeros):
+                for start in range(0, message.length, _BUF_SIZE):
+                    digest.update(_ZEROS[: min(_BUF_SIZE, message.length - start)])
+                    if stop.is_set():
+                        break
+            else:
+                digest.update(views[message.slot][: message.length])
+                free.put(message.slot)
             done += message.length
             if progress is not None and next_report <= done < size:
                 progress(done, size)
@@ -141,6 +188,8 @@ def hash_fd(fd: int, *, path: str, progress: ProgressFn | None = None) -> str:
         stop.set()
         free.put(None)
         reader.join()
+        with contextlib.suppress(OSError):
+            os.lseek(fd, saved_offset, os.SEEK_SET)
 
     try:
         after = _identity(os.fstat(fd))
