@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from worker import hashing
+from bench.common import counting, counting_fsyncs
+from worker import cloning, hashing
 from worker.config import RootfsConfig
 from worker.registry import RootfsRegistry
 
@@ -61,9 +62,16 @@ def clone(template_dir: str, clones_dir: str, vm_id: str, stack: str) -> dict[st
     def progress(name: str, done: int, total: int) -> None:
         hashed[name] = done
 
-    start = time.perf_counter()
-    registry.clone_for_vm(vm_id, stack, progress=progress)
-    return {"seconds": time.perf_counter() - start, "hashed_bytes": sum(hashed.values())}
+    with counting_fsyncs() as fsyncs, counting(cloning, "clone_fd") as copies:
+        start = time.perf_counter()
+        registry.clone_for_vm(vm_id, stack, progress=progress)
+        seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "hashed_bytes": sum(hashed.values()),
+        "fsync_seconds": fsyncs.seconds,
+        "copy_seconds": copies.seconds,
+    }
 
 
 COMMANDS: dict[str, Callable[..., dict[str, Any]]] = {

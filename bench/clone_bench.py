@@ -19,8 +19,8 @@ from bench import fsync_order
 from bench.common import (
     GIB,
     MIB,
+    CallCount,
     Context,
-    FsyncCount,
     Row,
     Section,
     Target,
@@ -54,7 +54,7 @@ class _Samples:
     ours_blocks: list[int] = field(default_factory=list)
     cp_blocks: list[int] = field(default_factory=list)
     methods: set[str] = field(default_factory=set)
-    fsyncs: FsyncCount = field(default_factory=FsyncCount)
+    fsyncs: CallCount = field(default_factory=CallCount)
     profiled: float = 0.0
 
     def add(self, name: str, seconds: float) -> None:
@@ -236,8 +236,8 @@ def _time_why(s: _Samples, target: Target, *, on_loop: bool) -> str:
         f"clone {ms(ours)}. A registry clone with its fsyncs counted made {s.fsyncs.calls} of them, "
         f"{ms(s.fsyncs.seconds)} of its {ms(s.profiled)} ({ms(per_fsync)} each): the clones dir after mkdir, the "
         "`.vm-id` owner file, the clone, the stamp, and the VM directory after the final rename, where the "
-        "baseline's `sync FILE` makes one. Each is a journal commit"
-        + (" (on this loop device also a write and a flush of the image file)" if on_loop else "")
+        "baseline's `sync FILE` makes one. Each waits for the disk"
+        + (": a log force, and on this loop device a write and a flush of the image file" if on_loop else "")
         + f". The same syscalls without the registry's Python take {ms(current)} "
         f"({current / cp:.2f}x); reordered as bench/fsync_order.py proposes, {ms(proposed)} "
         f"({proposed / cp:.2f}x): the rest, {ms(ours - current)}, is the registry's Python (locks, path "
@@ -245,7 +245,7 @@ def _time_why(s: _Samples, target: Target, *, on_loop: bool) -> str:
         "fsync commits its name; a crash can then leave it empty, so `_check_owner` in worker/registry.py "
         "must treat an empty owner file as a missing one, where today it raises VmIdConflict); (2) fsync the "
         "clones dir after the VM directory rather than right after mkdir: the same durability when the clone "
-        "is reported, and a journal that commits in order has usually committed it by then; (3) trim the "
+        "is reported, and a log that commits in order has usually committed it by then; (3) trim the "
         f"registry's per-clone Python (it resolves and opens the template twice). Target here: "
         f"{ms(cp * target.limit)}."
     )

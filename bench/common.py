@@ -113,32 +113,36 @@ def timed(fn: Callable[[], T]) -> tuple[float, T]:
 
 
 @dataclass
-class FsyncCount:
+class CallCount:
     calls: int = 0
     seconds: float = 0.0
 
 
 @contextlib.contextmanager
-def counting_fsyncs() -> Iterator[FsyncCount]:
-    """Count and time every os.fsync made in this process while the block runs.
+def counting(owner: object, name: str) -> Iterator[CallCount]:
+    """Count and time every call of `owner.name` made in this process while the block runs.
 
-    The registry calls fsync through the `os` module, so patching the attribute sees all of them. For
-    diagnostics only, never around a timed repetition: it explains where a clone's time goes (each fsync
-    is a journal or log commit) without changing what the table measures.
+    The registry calls os.fsync and cloning.clone_fd through their modules, so patching the attribute sees
+    every call. For diagnostics: it shows where a clone's time goes (waiting for the disk, copying) at the
+    cost of a microsecond per call.
     """
-    real = os.fsync
-    count = FsyncCount()
+    real = getattr(owner, name)
+    count = CallCount()
 
-    def fsync(fd: Any) -> None:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         try:
-            real(fd)
+            return real(*args, **kwargs)
         finally:
             count.calls += 1
             count.seconds += time.perf_counter() - start
 
-    with mock.patch.object(os, "fsync", fsync):
+    with mock.patch.object(owner, name, wrapper):
         yield count
+
+
+def counting_fsyncs() -> contextlib.AbstractContextManager[CallCount]:
+    return counting(os, "fsync")
 
 
 def median(values: Sequence[float]) -> float:

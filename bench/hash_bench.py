@@ -201,10 +201,9 @@ def _rss_row(ctx: Context, section: Section) -> Row:
     ours, floor = hashed["maxrss_kib"] * 1024, idle["maxrss_kib"] * 1024
     section.notes.append(
         "Peak RSS: VmHWM (peak resident set of the process image) of a fresh `python -m bench.child hash-rss` "
-        f"that hashed a 4 GiB sparse file (all holes) in {hashed['seconds']:.2f} s, most of it system time "
-        "filling the page cache with zeroed pages (see the warm/cold notes); the baseline is the same interpreter "
-        "with the same imports that hashed nothing. Not ru_maxrss: Linux keeps it across execve, so a child "
-        "reports at least the benchmark process's own peak."
+        f"that hashed a 4 GiB sparse file (all holes) in {hashed['seconds']:.2f} s; the baseline is the same "
+        "interpreter with the same imports that hashed nothing. Not ru_maxrss: Linux keeps it across execve, so "
+        "a child reports at least the benchmark process's own peak."
     )
     row = Row(
         "Peak RSS hashing a 4 GiB sparse file (ours / same process idle)",

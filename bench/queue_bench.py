@@ -17,8 +17,8 @@ from typing import Any
 from bench.celery_host import CONCURRENCY, Host, celery_host
 from bench.common import (
     MIB,
+    CallCount,
     Context,
-    FsyncCount,
     Row,
     Section,
     Target,
@@ -30,6 +30,7 @@ from bench.common import (
     ratio,
     write_sparse,
 )
+from bench.machine import ext4_without_journal
 from worker.client import JobHandle
 from worker.config import RootfsConfig
 from worker.registry import RootfsRegistry
@@ -49,8 +50,12 @@ class _Samples:
     rate: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in KINDS})
     hashed_bytes: int = 0
     not_released: int = 0
+    #: The diagnostic: the same calls on the registry in this process, interleaved with the latency rounds.
     in_process: dict[str, list[float]] = field(default_factory=lambda: {"clone": [], "release": []})
-    fsyncs: dict[str, FsyncCount] = field(default_factory=dict)
+    fsyncs: dict[str, CallCount] = field(default_factory=lambda: {"clone": CallCount(), "release": CallCount()})
+    #: Median microseconds to create an empty file in the clones dir, at the start and at the end.
+    create_us: dict[str, float] = field(default_factory=dict)
+    no_journal: bool = False
 
 
 def run_section(ctx: Context) -> Section:
@@ -58,11 +63,13 @@ def run_section(ctx: Context) -> Section:
     root = ctx.workdir / "queue"
     with celery_host(root, HOST) as host:
         write_sparse(host.template_dir / STACK / "rootfs.ext4", size=TEMPLATE_SIZE, data=TEMPLATE_DATA, chunks=1)
+        s = _Samples(no_journal=ext4_without_journal(host.template_dir) is True)
+        s.create_us["start"] = _create_cost(host.clones_dir)
         _warm_up(host)
-        s = _Samples()
-        _latency(ctx, host, s, rounds=ctx.reps(full=150, quick=30))
+        registry = RootfsRegistry(RootfsConfig(host.template_dir, host.clones_dir))
+        _latency(ctx, host, registry, s, rounds=ctx.reps(full=150, quick=30))
         _throughput(ctx, host, s, rounds=ctx.reps(full=3, quick=1), burst=ctx.reps(full=150, quick=40))
-        _in_process(host, s, reps=ctx.reps(full=20, quick=5))
+        s.create_us["end"] = _create_cost(host.clones_dir)
         leftovers = _clones_left(host.clones_dir)
     section.rows += _rows(s)
     section.notes += [*_notes(s, leftovers), _log_note(host.log)]
@@ -86,8 +93,10 @@ def _round_jobs(host: Host, vm_id: str) -> list[Callable[[], JobHandle]]:
     ]
 
 
-def _latency(ctx: Context, host: Host, s: _Samples, *, rounds: int) -> None:
-    """One job at a time, ping / clone / release interleaved, so drift hits all three alike."""
+def _latency(ctx: Context, host: Host, registry: RootfsRegistry, s: _Samples, *, rounds: int) -> None:
+    """One job at a time, ping / clone / release interleaved, so drift hits all three alike; each round
+    ends with the same clone and release called directly on the registry (the diagnostic), so that it
+    sees the same state of the machine and of the filesystem as the jobs."""
     ctx.log(f"queue: {rounds} latency rounds")
     for i in range(rounds):
         for kind, job in zip(KINDS, _round_jobs(host, f"lat-{i}"), strict=True):
@@ -95,6 +104,37 @@ def _latency(ctx: Context, host: Host, s: _Samples, *, rounds: int) -> None:
             result = job().result(timeout=TIMEOUT)
             s.latency[kind].append(time.perf_counter() - start)
             _check(kind, result, s)
+        _in_process(registry, f"in-process-{i}", s)
+
+
+def _in_process(registry: RootfsRegistry, vm_id: str, s: _Samples) -> None:
+    """Clone and release without Celery or Redis, fsyncs counted: the part of a job that is filesystem work."""
+    for kind, call in (
+        ("clone", lambda: registry.clone_for_vm(vm_id, STACK)),
+        ("release", lambda: registry.release(vm_id)),
+    ):
+        with counting_fsyncs() as count:
+            start = time.perf_counter()
+            call()
+            s.in_process[kind].append(time.perf_counter() - start)
+        s.fsyncs[kind].calls += count.calls
+        s.fsyncs[kind].seconds += count.seconds
+
+
+def _create_cost(clones_dir: Path, n: int = 50) -> float:
+    """Median microseconds to create (and close) an empty file beside the VM directories. On an ext4 without
+    a journal, inode allocation skips inodes deleted in the last minute or so, one by one, so this grows with
+    the create/delete churn of clones and releases; a clone creates four files, an empty task none."""
+    clones_dir.mkdir(parents=True, exist_ok=True)
+    paths = [clones_dir / f".bench-create-{i}" for i in range(n)]
+    times = []
+    for path in paths:
+        start = time.perf_counter()
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+        times.append(time.perf_counter() - start)
+    for path in paths:
+        path.unlink()
+    return median(times) * 1e6
 
 
 def _throughput(ctx: Context, host: Host, s: _Samples, *, rounds: int, burst: int) -> None:
@@ -124,23 +164,6 @@ def _burst(kind: str, send: Callable[[int], JobHandle], n: int, s: _Samples) -> 
     for handle in handles:
         _check(kind, handle.result(timeout=TIMEOUT), s)
     return n / (time.perf_counter() - start)
-
-
-def _in_process(host: Host, s: _Samples, *, reps: int) -> None:
-    """Diagnostic: the same clone and release called directly on the registry in this process (no Celery,
-    no Redis), with fsyncs counted: how much of the gap to the empty task is the filesystem work."""
-    registry = RootfsRegistry(RootfsConfig(host.template_dir, host.clones_dir))
-    for i in range(reps):
-        vm_id = f"in-process-{i}"
-        with counting_fsyncs() as clone_fsyncs:
-            start = time.perf_counter()
-            registry.clone_for_vm(vm_id, STACK)
-            s.in_process["clone"].append(time.perf_counter() - start)
-        with counting_fsyncs() as release_fsyncs:
-            start = time.perf_counter()
-            registry.release(vm_id)
-            s.in_process["release"].append(time.perf_counter() - start)
-    s.fsyncs = {"clone": clone_fsyncs, "release": release_fsyncs}
 
 
 def _check(kind: str, result: Any, s: _Samples) -> None:
@@ -201,15 +224,28 @@ def _rows(s: _Samples) -> list[Row]:
     return rows
 
 
+def _per_call(s: _Samples, kind: str) -> str:
+    """Fsyncs of one in-process call: how many, and how long they took together."""
+    n = max(len(s.in_process[kind]), 1)
+    count = s.fsyncs[kind]
+    return f"{count.calls / n:.0f} fsync(s), {ms(count.seconds / n)}"
+
+
 def _why(row: Row, s: _Samples) -> str:
     own = {kind: median(s.in_process[kind]) for kind in ("clone", "release")}
-    fsyncs = {kind: f"{s.fsyncs[kind].calls} fsync(s), {ms(s.fsyncs[kind].seconds)}" for kind in own}
     registry = (
-        f"Called directly on the registry in this process, on the same filesystem, a clone takes "
-        f"{ms(own['clone'])} ({fsyncs['clone']}) and a release {ms(own['release'])} ({fsyncs['release']}). A "
-        f"clone copies the template's {fmt_bytes(TEMPLATE_DATA)} of data (ext4 has no reflink) and makes "
-        f"{s.fsyncs['clone'].calls} separate journal commits; a release takes the VM's lock, renames into the "
-        "trash with one fsync, then deletes the tree (freeing the clone's blocks is ext4 journal work too). "
+        "Called directly on the registry in this process, interleaved with the jobs, a clone takes "
+        f"{ms(own['clone'])} ({_per_call(s, 'clone')}) and a release {ms(own['release'])} "
+        f"({_per_call(s, 'release')}). A clone copies the template's {fmt_bytes(TEMPLATE_DATA)} of data (ext4 has "
+        "no reflink), creates four files and fsyncs five times; a release takes the VM's lock, renames into the "
+        "trash with one fsync, then deletes the tree. Creating a file in the clones dir took "
+        f"{s.create_us['start']:.0f} µs at the start of this section and {s.create_us['end']:.0f} µs at its end"
+        + (
+            ": on an ext4 without a journal, as here, inode allocation skips, one by one, inodes deleted in the "
+            "last minute or so, and every clone/release cycle deletes five. "
+            if s.no_journal and s.create_us["end"] > 2 * s.create_us["start"]
+            else ". "
+        )
     )
     closing = (
         "What would close it: less filesystem work per job, chiefly fewer fsyncs per clone (the clone "
@@ -224,9 +260,9 @@ def _latency_why(s: _Samples) -> str:
     gaps = {kind: median(s.latency[kind]) - ping for kind in ("clone", "release")}
     return (
         f"Through the queue, at the median, a clone adds {ms(gaps['clone'])} to the empty task's {ms(ping)} and "
-        f"a release {ms(gaps['release'])}: about the registry's own time, so Celery adds little of its own. "
-        f"The 1.5x target leaves {ms(ping * 0.5)} for the job's real work here, because the floor itself is "
-        "only a few Redis round trips on this machine. "
+        f"a release {ms(gaps['release'])}, close to the registry's own time: Celery adds little of its own. "
+        f"The 1.5x target leaves {ms(ping * 0.5)} for a job's real work here, because the floor itself is only "
+        "a few Redis round trips on this machine. "
     )
 
 
@@ -236,9 +272,9 @@ def _throughput_why(s: _Samples) -> str:
         f"Under a burst each job holds one of the {CONCURRENCY} pool processes for {ms(held['clone'])} "
         f"(clone) and {ms(held['release'])} (release) against {ms(held['ping'])} for the empty task: more than "
         "the registry's time alone, because on 2 cores the client, Redis and both pool processes share the "
-        "CPU, and the two pool processes' fsyncs wait on each other's journal commits. A pool process "
-        "waiting for an fsync is idle, so more pool processes than cores (the worker's default is 4) would "
-        "overlap those waits; the spec fixes `--concurrency 2` here. "
+        "CPU, and the bursts create and delete files fastest, which is when creates slow down most. A pool "
+        "process waiting for an fsync is idle, so more pool processes than cores (the worker's default is 4) "
+        "would overlap those waits; the spec fixes `--concurrency 2` here. "
     )
 
 
@@ -246,23 +282,23 @@ def _notes(s: _Samples, leftovers: int) -> list[str]:
     lat, rate = s.latency, s.rate
     return [
         f"End to end: our own redis-server (no persistence) and one `celery worker --concurrency {CONCURRENCY}` "
-        "(prefork) on this machine; clones dir on the work dir's filesystem (ext4); template "
+        "(prefork) on this machine; clones dir on the work dir's filesystem; template "
         f"{fmt_bytes(TEMPLATE_SIZE)} sparse with {fmt_bytes(TEMPLATE_DATA)} of data, its hash cached before "
         f"timing (the timed clones hashed {s.hashed_bytes} bytes in all). Latency: {len(lat['ping'])} rounds "
         "of ping, clone, release one at a time, each from before the send to the result in hand (p50 = "
         f"median). Throughput: {len(rate['ping'])} rounds of a burst of each kind, sent all at once and then "
         "collected; jobs/s is the median round. Every clone used its own vm id and was released "
         f"({s.not_released} releases found nothing; {leftovers} VM directories left at the end). The empty "
-        "task touches no disk, so filesystem stalls caused by other work on this shared machine land on the "
-        "clone and release side of these ratios only.",
+        "task touches no disk, so filesystem stalls (other work on this shared machine, the create cost "
+        "below) land on the clone and release side of these ratios only.",
         "End to end samples: latency p50/p99 (ms): "
         + "; ".join(f"{k} {median(lat[k]) * 1e3:.2f}/{percentile(lat[k], 99) * 1e3:.2f}" for k in KINDS)
         + "; throughput per round (jobs/s): "
         + "; ".join(f"{k} " + ", ".join(f"{v:.0f}" for v in rate[k]) for k in KINDS)
         + ".",
-        f"Diagnostic: the same clone and release called on the registry in the benchmark process (no queue), "
-        f"{len(s.in_process['clone'])} times, medians: clone {ms(median(s.in_process['clone']))} "
-        f"({s.fsyncs['clone'].calls} fsyncs, {ms(s.fsyncs['clone'].seconds)}), release "
-        f"{ms(median(s.in_process['release']))} ({s.fsyncs['release'].calls} fsyncs, "
-        f"{ms(s.fsyncs['release'].seconds)}).",
+        "Diagnostics: the same clone and release called directly on the registry in the benchmark process, "
+        f"once per latency round, medians: clone {ms(median(s.in_process['clone']))} ({_per_call(s, 'clone')}), "
+        f"release {ms(median(s.in_process['release']))} ({_per_call(s, 'release')}). Creating an empty file "
+        f"in the clones dir: {s.create_us['start']:.0f} µs (median) before the first job, "
+        f"{s.create_us['end']:.0f} µs after the last.",
     ]

@@ -44,7 +44,10 @@ class _Progress:
         now = time.monotonic()
         if self._task.request.id and (now - self._last >= PROGRESS_EVERY_S or done == total):
             self._last = now
-            self._task.update_state(state="PROGRESS", meta={"stack": stack, "done": done, "total": total})
+            try:
+                self._task.update_state(state="PROGRESS", meta={"stack": stack, "done": done, "total": total})
+            except Exception as exc:  # noqa: BLE001 - progress is best effort: never fail a clone over it
+                log.warning("progress update for %s failed: %s", self._task.request.id, exc)
 
     @property
     def hashed_bytes(self) -> int:

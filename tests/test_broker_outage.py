@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -45,5 +46,35 @@ def test_worker_holding_an_unacked_job_survives_a_redis_outage(start_host: Start
         assert a.worker.proc is not None and a.worker.proc.poll() is None, "the worker died"
         assert "Unrecoverable error" not in a.worker.log()
         assert later.get(timeout=60) == {"host": "a"}  # the held job is not lost either
+    finally:
+        server.stop()
+
+
+def test_clone_running_through_a_redis_outage_completes_and_reports(start_host: StartHost, tmp_path: Path) -> None:
+    """Redis down for 3 s while a clone hashes and copies: the clone is not killed, its SUCCESS arrives."""
+    server = RedisServer(tmp_path / "redis", appendonly=True).start()
+    try:
+        a = start_host("a", broker_url=server.url)
+        path = a.template_dir / "big" / "rootfs.ext4"
+        path.parent.mkdir(parents=True)
+        block = os.urandom(1 << 20)
+        with path.open("wb") as f:
+            for _ in range(1024):
+                f.write(block)
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # cold: the hash reads the disk
+        client = RootfsClient(create_app(Settings.from_env(a.env)))
+        handle = client.clone(host="a", vm_id="vm-1", stack="big")
+        deadline = time.monotonic() + 60
+        while handle.result_handle.state != "PROGRESS" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert handle.result_handle.state == "PROGRESS"
+        server.stop(hard=True)
+        time.sleep(3)
+        server.start()
+        result = handle.result(timeout=120)
+        assert result["vm_id"] == "vm-1" and result["hashed_bytes"] == 1 << 30
+        assert Path(result["path"]).stat().st_size == 1 << 30
+        assert "Unrecoverable error" not in a.worker.log()
     finally:
         server.stop()

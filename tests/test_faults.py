@@ -34,8 +34,9 @@ pytestmark = pytest.mark.slow
 #: What a finished clone directory holds, and nothing else.
 CLONE_FILES = [".vm-id", "rootfs.ext4", "rootfs.ext4.sha256"]
 
-#: Large enough that a sparse copy plus fsync on ext4 takes seconds, so a kill lands mid-copy.
-BIG_TEMPLATE_MIB = 1024
+#: Large enough that copying it from disk (page cache evicted first) plus the fsync takes seconds on ext4,
+#: so the kill lands mid-copy.
+BIG_TEMPLATE_MIB = 1536
 
 #: Redelivery of a killed worker's job. Redis hands an unacknowledged job to another worker once it has been
 #: out for ROOTFS_VISIBILITY_TIMEOUT (25 s here; Settings.check requires > time limit 20 + retry cap 2), and
@@ -90,16 +91,31 @@ def assert_complete_clone(vm_dir: Path, result: dict[str, Any], digest: str) -> 
     assert sha256_of(vm_dir / "rootfs.ext4") == digest
 
 
+def evict_from_page_cache(path: Path) -> None:
+    """Flush the file and drop its pages from the page cache: the next reader reads the disk, as on a host that
+    has not touched the template lately."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class BigTemplate:
     template_dir: Path
     stack: str
     sha256: str
 
+    @property
+    def path(self) -> Path:
+        return self.template_dir / self.stack / "rootfs.ext4"
+
 
 @pytest.fixture(scope="module")
 def big_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigTemplate]:
-    """A 1 GiB template of real, non-zero, non-repeating data (no holes to skip), written once per module."""
+    """A 1.5 GiB template of real, non-zero, non-repeating data (no holes to skip), written once per module."""
     root = tmp_path_factory.mktemp("big-template")
     path = root / "templates" / "big" / "rootfs.ext4"
     path.parent.mkdir(parents=True)
@@ -158,6 +174,7 @@ def test_worker_killed_mid_clone_job_is_redelivered_and_completes(
     # Warm the hash in the host's shared cache, so the job goes straight to copying.
     warmed = RootfsRegistry(RootfsConfig(big_template.template_dir, clones)).stack(big_template.stack)
     assert warmed is not None and warmed.sha256 == big_template.sha256
+    evict_from_page_cache(big_template.path)
     host = start_host(
         "killed", env=REDELIVERY_ENV, concurrency=1, template_dir=big_template.template_dir, clones_dir=clones
     )
@@ -169,6 +186,9 @@ def test_worker_killed_mid_clone_job_is_redelivered_and_completes(
         host.worker.kill_hard()
         assert not (vm_dir / "rootfs.ext4").exists(), "the copy finished before the kill: use a bigger template"
         assert partial.exists()
+        # The crash did not touch the template (reading it also brings it back into the page cache, so the
+        # second attempt copies well within its 20 s time limit).
+        assert sha256_of(big_template.path) == big_template.sha256
 
         # Same host, same dirs, same queues: only the process is new.
         second = CeleryProcess(
@@ -181,7 +201,7 @@ def test_worker_killed_mid_clone_job_is_redelivered_and_completes(
         assert_complete_clone(vm_dir, result, big_template.sha256)
         assert partials_under(clones) == []
     finally:
-        shutil.rmtree(vm_dir, ignore_errors=True)  # a GiB per run is too much to leave in pytest's tmp dirs
+        shutil.rmtree(vm_dir, ignore_errors=True)  # 1.5 GiB per run: too much to leave in pytest's tmp dirs
 
 
 def test_clone_jobs_queued_across_a_redis_restart_all_complete(

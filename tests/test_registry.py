@@ -508,3 +508,31 @@ def test_error_round_trips_through_its_args() -> None:
         assert str(again) == str(err) and again.transient == err.transient
     assert [e.transient for e in errors] == [False, False, False, True, True, False]
     assert "ENOSPC" in str(errors[4]) and "/c/vm-1/rootfs.ext4.partial" in str(errors[4])
+
+
+def test_empty_owner_record_left_by_a_power_cut_reads_as_none(env: Env) -> None:
+    """An owner record that came back empty after a crash does not lock its own VM out."""
+    env.template("base", b"x")
+    first = env.registry.clone_for_vm("vm-1", "base")
+    (env.clones_dir / "vm-1" / ".vm-id").write_bytes(b"")
+    assert env.registry.clone_for_vm("vm-1", "base") == first
+    assert (env.clones_dir / "vm-1" / ".vm-id").read_text() == "vm-1"
+
+
+def _release(args: tuple[str, str, str]) -> bool:
+    template_dir, clones_dir, vm_id = args
+    return RootfsRegistry(RootfsConfig(Path(template_dir), Path(clones_dir))).release(vm_id)
+
+
+def test_concurrent_releases_delete_everything(env: Env) -> None:
+    """Twenty VMs released by eight processes at once: every clone is gone and the trash is empty."""
+    env.sparse_template("base", size=64 * MIB, data_mib=4)
+    for i in range(20):
+        env.registry.clone_for_vm(f"vm-{i}", "base")
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(8) as pool:
+        released = pool.map(_release, [(str(env.template_dir), str(env.clones_dir), f"vm-{i}") for i in range(20)])
+    assert released == [True] * 20
+    assert sorted(p.name for p in env.clones_dir.iterdir()) == [".cache", ".locks", ".trash"]
+    assert list((env.clones_dir / ".trash").iterdir()) == []
+    assert list((env.clones_dir / ".locks").iterdir()) == []

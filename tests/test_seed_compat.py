@@ -151,9 +151,7 @@ def same_fs(seed_binary: Path, tmp_path: Path) -> World:
 
 def test_both_list_the_same_stacks(world: World) -> None:
     """Seed and registry list the same stacks with the same names, sizes and sha256 (the true ones)."""
-    ours = [
-        {"name": s.name, "size_bytes": s.size_bytes, "sha256": s.sha256} for s in world.registry().stacks()
-    ]
+    ours = [{"name": s.name, "size_bytes": s.size_bytes, "sha256": s.sha256} for s in world.registry().stacks()]
     theirs = world.seed_ok("stacks")
     assert ours == theirs
     assert [s["name"] for s in ours] == ["base", "empty", "node-20", "sparse"]

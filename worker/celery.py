@@ -51,16 +51,25 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "worker_concurrency": s.concurrency,
-        # On a lost broker connection, running late-ack jobs will be redelivered anyway: cancel them
-        # rather than let two copies run (clones are idempotent and locked, but it wastes the disk).
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Checked in 5.7's source and on a real outage: on a lost connection the worker first tries to
+        # requeue its unacknowledged jobs, then (if this is True) kills the running ones. With Redis down
+        # the requeue fails, so a killed clone would only come back after the visibility timeout. False lets
+        # a running clone finish and store its result once Redis is back; a requeued duplicate is harmless
+        # (per-VM lock, idempotent clone), and a stale one past the client's `expires` is dropped.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "broker_transport_options": transport,
         "result_backend_transport_options": {
             "visibility_timeout": s.visibility_timeout,
-            "retry_policy": {"timeout": 30.0},
+            "retry_policy": {"max_retries": 30, "interval_start": 0, "interval_step": 1, "interval_max": 5},
         },
+        # Storing a result reads the old one first, outside the backend's retry_policy: without these a
+        # clone that finishes while Redis restarts is lost as "Exception raised outside body".
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 30,
+        "result_backend_base_sleep_between_retries_ms": 200,
+        "result_backend_max_sleep_between_retries_ms": 5000,
         "redis_socket_connect_timeout": 5,
         "redis_socket_keepalive": True,
         "redis_retry_on_timeout": True,

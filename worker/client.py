@@ -9,6 +9,7 @@ a failure that is not ours (a crash, a time limit) as RemoteError; no answer in 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +19,17 @@ from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 from kombu import Queue
+from kombu.exceptions import OperationalError
 
 from worker.errors import RemoteError, RootfsError, TaskTimeout
 from worker.hosts import live_hosts
 from worker.queues import host_queues
+
+#: Pause before waiting again when Redis dropped the connection under a waiting client.
+RECONNECT_PAUSE_S = 0.5
+
+#: Default expiry of a clone job, seconds (see RootfsClient.clone).
+CLONE_EXPIRES_S = 600.0
 
 #: Called with the meta of each PROGRESS update: {"stack", "done", "total"}.
 ProgressHandler = Callable[[dict[str, Any]], None]
@@ -46,23 +54,34 @@ class JobHandle:
             if on_progress is not None and body.get("status") == "PROGRESS" and isinstance(body.get("result"), dict):
                 on_progress(body["result"])
 
-        try:
-            return self.result_handle.get(
-                timeout=timeout, propagate=True, on_message=on_message, disable_sync_subtasks=False
-            )
-        except CeleryTimeout:
-            raise TaskTimeout(self.id, float(timeout or 0)) from None
-        except RootfsError:
-            raise
-        except Exception as exc:
-            raise RemoteError(type(exc).__name__, str(exc)) from exc
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return self.result_handle.get(
+                    timeout=remaining, propagate=True, on_message=on_message, disable_sync_subtasks=False
+                )
+            except CeleryTimeout:
+                raise TaskTimeout(self.id, float(timeout or 0)) from None
+            except RootfsError:
+                raise
+            except (redis.ConnectionError, redis.TimeoutError, OperationalError, ConnectionError) as exc:
+                # Redis went away while we waited: the job goes on and its result will be stored once Redis is
+                # back, so keep waiting until our own deadline.
+                if deadline is not None and time.monotonic() + RECONNECT_PAUSE_S >= deadline:
+                    raise TaskTimeout(self.id, float(timeout or 0)) from exc
+                time.sleep(RECONNECT_PAUSE_S)
+            except Exception as exc:
+                raise RemoteError(type(exc).__name__, str(exc)) from exc
 
 
 class RootfsClient:
     def __init__(self, app: Celery) -> None:
         self._app = app
 
-    def clone(self, *, host: str, vm_id: str, stack: str, expires: float | None = None) -> JobHandle:
+    def clone(self, *, host: str, vm_id: str, stack: str, expires: float | None = CLONE_EXPIRES_S) -> JobHandle:
+        """A clone not started within `expires` seconds is dropped by the worker: a scheduler that waited
+        that long has given up, and a late clone would only leave a disk for a VM that never booted."""
         return self._send("rootfs.clone_for_vm", host=host, kwargs={"vm_id": vm_id, "stack": stack}, expires=expires)
 
     def release(self, *, host: str, vm_id: str) -> JobHandle:

@@ -31,7 +31,11 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("ROOTFS_HOST", "the machine's host name", "the host this worker serves; names its queues"),
     Variable("ROOTFS_CONCURRENCY", "4", "pool processes; one may be warming, the rest serve clones"),
     Variable("ROOTFS_TASK_TIME_LIMIT", "1800", "hard time limit of one task, seconds"),
-    Variable("ROOTFS_TASK_SOFT_TIME_LIMIT", "time limit - 30", "soft time limit (raises inside the task), seconds"),
+    Variable(
+        "ROOTFS_TASK_SOFT_TIME_LIMIT",
+        "time limit - 30 (9/10 of it when under 60)",
+        "soft time limit (raises inside the task), seconds",
+    ),
     Variable("ROOTFS_RETRY_MAX", "5", "retries of a transient failure before it is reported"),
     Variable("ROOTFS_RETRY_BASE", "1.0", "first retry delay, seconds; doubles each retry (with jitter)"),
     Variable("ROOTFS_RETRY_CAP", "60.0", "longest retry delay, seconds"),
@@ -90,7 +94,7 @@ class Settings:
             host=host,
             concurrency=reader.integer("ROOTFS_CONCURRENCY", 4, minimum=1),
             time_limit=time_limit,
-            soft_time_limit=reader.integer("ROOTFS_TASK_SOFT_TIME_LIMIT", max(1, time_limit - 30), minimum=1),
+            soft_time_limit=reader.integer("ROOTFS_TASK_SOFT_TIME_LIMIT", _soft_default(time_limit), minimum=1),
             retry_max=reader.integer("ROOTFS_RETRY_MAX", 5, minimum=0),
             retry_base=reader.real("ROOTFS_RETRY_BASE", 1.0, minimum=0.0),
             retry_cap=retry_cap,
@@ -116,6 +120,11 @@ class Settings:
                 f"longest retry delay ({self.time_limit} + {self.retry_cap:g}): Redis would redeliver a job "
                 "that is still running or waiting for its retry"
             )
+
+
+def _soft_default(time_limit: int) -> int:
+    """30 s of grace before the hard limit; a short limit keeps 9/10 of itself rather than nothing."""
+    return time_limit - 30 if time_limit > 60 else max(1, time_limit * 9 // 10)
 
 
 class _Reader:
