@@ -234,19 +234,16 @@ def _time_why(s: _Samples, target: Target, *, on_loop: bool) -> str:
     return (
         f"the copy itself with one fsync takes {ms(bare)} ({bare / cp:.2f}x the baseline); the registry's "
         f"clone {ms(ours)}. A registry clone with its fsyncs counted made {s.fsyncs.calls} of them, "
-        f"{ms(s.fsyncs.seconds)} of its {ms(s.profiled)} ({ms(per_fsync)} each): the clones dir after mkdir, the "
-        "`.vm-id` owner file, the clone, the stamp, and the VM directory after the final rename, where the "
-        "baseline's `sync FILE` makes one. Each waits for the disk"
+        f"{ms(s.fsyncs.seconds)} of its {ms(s.profiled)} ({ms(per_fsync)} each): the clone's data, the stamp, "
+        "the VM directory after the final rename and the clones dir (the `.vm-id` owner record is no longer "
+        "flushed on its own), where the baseline's `sync FILE` makes one. Each waits for the disk"
         + (": a log force, and on this loop device a write and a flush of the image file" if on_loop else "")
-        + f". The same syscalls without the registry's Python take {ms(current)} "
-        f"({current / cp:.2f}x); reordered as bench/fsync_order.py proposes, {ms(proposed)} "
-        f"({proposed / cp:.2f}x): the rest, {ms(ours - current)}, is the registry's Python (locks, path "
-        "checks, opens). What would close it: (1) write `.vm-id` without its own fsync (the final directory "
-        "fsync commits its name; a crash can then leave it empty, so `_check_owner` in worker/registry.py "
-        "must treat an empty owner file as a missing one, where today it raises VmIdConflict); (2) fsync the "
-        "clones dir after the VM directory rather than right after mkdir: the same durability when the clone "
-        "is reported, and a log that commits in order has usually committed it by then; (3) trim the "
-        f"registry's per-clone Python (it resolves and opens the template twice). Target here: "
+        + f". For comparison, the syscalls alone in the registry's former order (an fsync more) take {ms(current)} "
+        f"({current / cp:.2f}x) and in today's order {ms(proposed)} ({proposed / cp:.2f}x) (bench/fsync_order.py); "
+        "the rest is the registry's Python (locks, path checks, opens). What would close it: fewer disk "
+        "round trips per clone without giving up durability (the four fsyncs are what makes a reported clone "
+        "survive a power cut), and trimming the registry's per-clone Python (it resolves and opens the "
+        "template twice). Target here: "
         f"{ms(cp * target.limit)}."
     )
 

@@ -237,7 +237,7 @@ def _why(row: Row, s: _Samples) -> str:
         "Called directly on the registry in this process, interleaved with the jobs, a clone takes "
         f"{ms(own['clone'])} ({_per_call(s, 'clone')}) and a release {ms(own['release'])} "
         f"({_per_call(s, 'release')}). A clone copies the template's {fmt_bytes(TEMPLATE_DATA)} of data (ext4 has "
-        "no reflink), creates four files and fsyncs five times; a release takes the VM's lock, renames into the "
+        "no reflink), creates four files and fsyncs four times; a release takes the VM's lock, renames into the "
         "trash with one fsync, then deletes the tree. Creating a file in the clones dir took "
         f"{s.create_us['start']:.0f} µs at the start of this section and {s.create_us['end']:.0f} µs at its end"
         + (
@@ -249,8 +249,8 @@ def _why(row: Row, s: _Samples) -> str:
     )
     closing = (
         "What would close it: less filesystem work per job, chiefly fewer fsyncs per clone (the clone "
-        "sections' account: drop the owner file's own fsync, move the clones-dir fsync last), and a reflink "
-        "filesystem for the clones dir, where the copy is one FICLONE."
+        "sections' account), running the worker at its default concurrency of 4, which overlaps fsync waits, "
+        "and a reflink filesystem for the clones dir, where the copy is one FICLONE."
     )
     return registry + (_throughput_why(s) if "throughput" in row.measure else _latency_why(s)) + closing
 
@@ -274,7 +274,7 @@ def _throughput_why(s: _Samples) -> str:
         "the registry's time alone, because on 2 cores the client, Redis and both pool processes share the "
         "CPU, and the bursts create and delete files fastest, which is when creates slow down most. A pool "
         "process waiting for an fsync is idle, so more pool processes than cores (the worker's default is 4) "
-        "would overlap those waits; the spec fixes `--concurrency 2` here. "
+        "would overlap those waits; this benchmark runs `--concurrency 2`, one pool process per core. "
     )
 
 
