@@ -183,10 +183,6 @@ class RootfsRegistry:
             return None
         return path, real
 
-    def _has_template(self, name: str) -> bool:
-        with self._open_template(name) as template:
-            return template is not None
-
     @contextlib.contextmanager
     def _open_template(self, name: str) -> Iterator[_Template | None]:
         """The template of `name`, opened, or None when it has none."""
@@ -230,18 +226,16 @@ class RootfsRegistry:
         safe_id = check_vm_id(vm_id)
         check_stack_name(stack)
         vm_dir = self._config.clones_dir / safe_id
-        with self._vm_lock(safe_id):
-            if not self._has_template(stack):
+        with self._vm_lock(safe_id), self._open_template(stack) as template:
+            if template is None:
                 raise StackNotFound(stack, str(self._config.template_dir))
             with self._open_vm_dir(vm_dir, create=False) as dir_fd:
                 if dir_fd is not None:
                     self._check_owner(dir_fd, vm_dir, vm_id, safe_id)
-                    # Before the template is opened: unlinking a hard link to it changes its ctime.
-                    _clear_leftovers(dir_fd, vm_dir)
-            with self._open_template(stack) as template:
-                if template is None:
-                    raise StackNotFound(stack, str(self._config.template_dir))
-                return self._clone_from(template, vm_dir, vm_id, safe_id, progress)
+                    if _clear_leftovers(dir_fd, vm_dir):
+                        # Unlinking a hard link to the template moved its ctime: take its key anew.
+                        template.key = FileKey.of(os.fstat(template.fd))
+            return self._clone_from(template, vm_dir, vm_id, safe_id, progress)
 
     def _clone_from(
         self, template: _Template, vm_dir: Path, vm_id: str, safe_id: str, progress: HashProgress | None
@@ -431,10 +425,11 @@ def _read_text(dir_fd: int, name: str, vm_dir: Path) -> str | None:
     return raw.decode("utf-8", "surrogatepass").strip()
 
 
-def _clear_leftovers(dir_fd: int, vm_dir: Path) -> None:
+def _clear_leftovers(dir_fd: int, vm_dir: Path) -> bool:
     """Remove what an interrupted clone left: ours (partials, a stamp with no clone) or the seed's (a clone
     with no stamp), and a clone that is a hard link (the seed's fallback): the VM would write into the
-    template. What remains is either a complete clone or nothing."""
+    template. What remains is either a complete clone or nothing. True when a clone file was removed (it
+    may have been a hard link to the template, whose ctime then moved)."""
     try:
         st = os.stat(CLONE_ROOTFS_FILE, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -454,6 +449,7 @@ def _clear_leftovers(dir_fd: int, vm_dir: Path) -> None:
         doomed += [CLONE_ROOTFS_FILE, CLONE_STAMP_FILE]
     for name in doomed:
         _unlink(dir_fd, name, vm_dir)
+    return not complete and st is not None
 
 
 def _discard_if_unused(dir_fd: int, vm_dir: Path) -> None:
