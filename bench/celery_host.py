@@ -15,8 +15,8 @@ from celery import Celery
 
 from worker.celery import create_app
 from worker.client import RootfsClient
-from worker.local import CeleryProcess, RedisServer, worker_env
-from worker.settings import Settings
+from worker.dev.processes import CeleryProcess, RedisServer, worker_env
+from worker.service.settings import Settings
 
 CONCURRENCY = 2
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import counting, counting_fsyncs
-from worker import cloning, hashing
-from worker.config import RootfsConfig
-from worker.registry import RootfsRegistry
+from worker.core import cloning, hashing
+from worker.core.config import RootfsConfig
+from worker.core.registry import RootfsRegistry
 
 
 def _maxrss_kib() -> int:

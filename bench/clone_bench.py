@@ -31,12 +31,12 @@ from bench.common import (
     ratio,
     run,
     timed,
-    write_sparse,
 )
-from bench.mounts import MountUnavailable, xfs_reflink
-from worker import cloning
-from worker.config import RootfsConfig
-from worker.registry import RootfsRegistry
+from worker.core import cloning
+from worker.core.config import RootfsConfig
+from worker.core.registry import RootfsRegistry
+from worker.dev.mounts import MountUnavailable, xfs_reflink
+from worker.dev.templates import write_sparse
 
 STACK = "big"
 TEMPLATE_SIZE = 2 * GIB

@@ -204,27 +204,6 @@ def run_child(*args: str, timeout: float = 300) -> dict[str, Any]:
     return result
 
 
-def write_sparse(path: Path, *, size: int, data: int, chunks: int = 8) -> Path:
-    """A sparse image of `size` bytes with `data` bytes of non-zero data spread over `chunks` extents.
-
-    Flushed before returning: ext4 and XFS delay allocation, and an unallocated template would both hide
-    its extent blocks from st_blocks and leave writeback to land in the middle of a timed clone.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    block = (b"rootfs-data-" * (MIB // 12 + 1))[:MIB]
-    per_chunk = data // chunks
-    with path.open("wb") as f:
-        f.truncate(size)
-        stride = size // chunks
-        for i in range(chunks):
-            f.seek(i * stride)
-            for _ in range(per_chunk // MIB):
-                f.write(block)
-        f.flush()
-        os.fsync(f.fileno())
-    return path
-
-
 def write_filled(path: Path, size: int) -> Path:
     """A file of `size` bytes of incompressible data, left in the page cache (not flushed).
 

@@ -31,7 +31,7 @@ from bench.common import (
     timed,
     write_filled,
 )
-from worker.registry import RootfsRegistry
+from worker.core.registry import RootfsRegistry
 
 #: The registry's read size; openssl speed is asked for the same block so both pay the same per-call cost.
 BLOCK = MIB

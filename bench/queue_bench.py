@@ -28,12 +28,12 @@ from bench.common import (
     ms,
     percentile,
     ratio,
-    write_sparse,
 )
 from bench.machine import ext4_without_journal
 from worker.client import JobHandle
-from worker.config import RootfsConfig
-from worker.registry import RootfsRegistry
+from worker.core.config import RootfsConfig
+from worker.core.registry import RootfsRegistry
+from worker.dev.templates import write_sparse
 
 HOST = "bench-e2e"
 STACK = "small"

@@ -15,7 +15,7 @@ from typing import Any
 
 from bench.celery_host import Host, celery_host
 from bench.common import MIB, Context, Row, Section, Target, fmt_bytes, median, ms, ratio, write_filled
-from worker.registry import CACHE_DIR
+from worker.core.layout import CACHE_DIR
 
 HOST = "bench-scan"
 STACKS = 200

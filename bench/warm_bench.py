@@ -25,9 +25,9 @@ from bench.common import (
     ms,
     ratio,
     run_child,
-    write_sparse,
 )
 from bench.machine import free_page_reporting
+from worker.dev.templates import write_sparse
 
 STACK = "big4g"
 TEMPLATE_SIZE = 4 * GIB

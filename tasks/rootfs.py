@@ -15,13 +15,13 @@ from typing import Any, TypeVar
 from celery import Task
 from kombu import Queue
 
-from worker import runtime
 from worker.celery import app
+from worker.core.names import safe_vm_id
 from worker.errors import InvalidArgument, RootfsError
-from worker.hosts import live_hosts
-from worker.names import safe_vm_id
-from worker.queues import host_queues
-from worker.retry import backoff
+from worker.service import runtime
+from worker.service.hosts import live_hosts
+from worker.service.queues import host_queues
+from worker.service.retry import backoff
 
 log = logging.getLogger(__name__)
 

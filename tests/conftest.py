@@ -9,7 +9,7 @@ import pytest
 from tests.helpers import sha256_of, write_sparse_template, write_template
 from worker import RootfsConfig, RootfsRegistry
 
-pytest_plugins = ["tests.queue"]
+pytest_plugins = ["tests.workers"]
 
 
 @dataclass

@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from worker import cloning
 from worker.celery import app
+from worker.core import cloning
 from worker.errors import FilesystemError
 
 __all__ = ["app"]

@@ -13,7 +13,7 @@ import yaml
 from celery import Celery
 from celery.app.utils import find_app
 
-from worker.settings import VARIABLES, Settings
+from worker.service.settings import VARIABLES, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 KNOWN = {v.name for v in VARIABLES}

@@ -4,7 +4,10 @@ The names exported here are the pure core: importing them imports no Celery. The
 `worker.celery` (found by `celery -A worker`), the tasks in the `tasks` package.
 """
 
-from worker.config import RootfsConfig
+from worker.core.config import RootfsConfig
+from worker.core.models import StackInfo, VmRootfs, WarmReport
+from worker.core.names import safe_vm_id
+from worker.core.registry import RootfsRegistry
 from worker.errors import (
     FilesystemError,
     InvalidArgument,
@@ -18,9 +21,6 @@ from worker.errors import (
     TemplateChanged,
     VmIdConflict,
 )
-from worker.models import StackInfo, VmRootfs, WarmReport
-from worker.names import safe_vm_id
-from worker.registry import RootfsRegistry
 
 __all__ = [
     "FilesystemError",

@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from celery import Celery, Task
-from celery.exceptions import InvalidTaskError
-from celery.worker.request import Request
+from celery import Celery
 from kombu import Queue
 
-from worker.queues import FANOUT_QUEUE, host_queues, worker_queue_names
-from worker.settings import Settings
+from worker.service.queues import FANOUT_QUEUE, host_queues, worker_queue_names
+from worker.service.request import RootfsTask
+from worker.service.settings import Settings
 
 TASK_MODULES = ["tasks.rootfs"]
 
@@ -38,7 +37,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     return {
         "broker_url": s.broker_url,
-        "broker_transport": "worker.transport:Transport",
+        "broker_transport": "worker.service.transport:Transport",
         "result_backend": s.result_backend,
         # JSON only, everywhere: with pickle, anyone who can write to Redis runs code on every host.
         "task_serializer": "json",
@@ -97,22 +96,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-class SafeRequest(Request):  # type: ignore[misc]
-    """Celery 5.7 unpacks a JSON body that is not `[args, kwargs, embed]` (or lacks an `id`) outside its
-    own error handling, and the ValueError/KeyError ends the worker, or loops it on reconnects; the message
-    goes back to the queue and kills the next worker too. As InvalidTaskError it is logged and dropped."""
-
-    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
-        try:
-            super().__init__(message, *args, **kwargs)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise InvalidTaskError(f"malformed task message: {exc!r}") from exc
-
-
-class RootfsTask(Task):  # type: ignore[misc]
-    Request = "worker.celery:SafeRequest"
-
-
 def create_app(settings: Settings | None = None) -> Celery:
     """An app configured from `settings`, or lazily from the environment when none is given."""
     app = Celery("rootfs", include=TASK_MODULES, set_as_current=settings is None, task_cls=RootfsTask)
@@ -126,4 +109,4 @@ def create_app(settings: Settings | None = None) -> Celery:
 app = create_app()
 
 # Worker lifecycle hooks (heartbeat, warm-up on start) are connected by importing the module.
-import worker.lifecycle  # noqa: E402,F401
+import worker.service.lifecycle  # noqa: E402,F401

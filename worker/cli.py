@@ -32,7 +32,7 @@ def _client() -> RootfsClient:
 
 
 def _default_host() -> str:
-    from worker.settings import Settings
+    from worker.service.settings import Settings
 
     try:
         return Settings.from_env().host

@@ -22,8 +22,8 @@ from kombu import Queue
 from kombu.exceptions import OperationalError
 
 from worker.errors import RemoteError, RootfsError, TaskTimeout
-from worker.hosts import live_hosts
-from worker.queues import host_queues
+from worker.service.hosts import live_hosts
+from worker.service.queues import host_queues
 
 #: Pause before waiting again when Redis dropped the connection under a waiting client.
 RECONNECT_PAUSE_S = 0.5

@@ -1,8 +1,8 @@
-"""A reflink filesystem for the benchmarks: XFS (reflink=1) in a sparse image on a loop device.
+"""Real filesystems beyond tmp_path's ext4, for the tests and the benchmarks: XFS with reflink, a tiny tmpfs.
 
-Like tests/mounts.py, but without pytest: when the machine cannot mount, MountUnavailable carries the
-reason into the report ("skipped: ...") instead of skipping a test. Always unmounts and releases the loop
-device on the way out, whatever happened inside.
+When the machine cannot mount, MountUnavailable says why: the tests turn it into a skip with that reason,
+the benchmarks into a "skipped: ..." row. Always unmounts and releases the loop device on the way out,
+whatever happened inside.
 """
 
 from __future__ import annotations
@@ -66,3 +66,19 @@ def xfs_reflink(parent: Path, *, size: int) -> Iterator[Path]:
         yield mountpoint
     finally:
         _release(image, mountpoint)
+
+
+@contextmanager
+def tmpfs(parent: Path, *, size: int) -> Iterator[Path]:
+    """A tmpfs of `size` bytes mounted under `parent`: a filesystem that fills up on demand."""
+    _require_root_and()
+    mountpoint = parent / f"tmpfs-{size >> 20}m"
+    mountpoint.mkdir(parents=True)
+    mounted = _run("mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint))
+    if mounted.returncode != 0:
+        raise MountUnavailable(f"mount -t tmpfs failed: {mounted.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        if _run("umount", str(mountpoint)).returncode != 0:
+            _run("umount", "--lazy", str(mountpoint))

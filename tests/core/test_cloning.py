@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounts import tmpfs_mount, xfs_reflink_mount
-from worker.cloning import CloneMethod, clone_fd
+from tests.helpers import tmpfs_mount, xfs_reflink_mount
+from worker.core.cloning import CloneMethod, clone_fd
 from worker.errors import FilesystemError, InvalidArgument, TemplateChanged
 
 MiB = 1 << 20

@@ -1,4 +1,4 @@
-"""`python -m worker.demo`: the whole product on sample templates, through a real worker and Redis.
+"""`python -m worker.dev.demo`: the whole product on sample templates, through a real worker and Redis.
 
 Creates sample stacks in a temporary directory, uses the Redis at CELERY_BROKER_URL or starts a private
 one when none answers, starts a worker and a beat, then sends scan, warm, clone and release through the
@@ -21,25 +21,18 @@ from typing import Any
 
 from worker.celery import create_app
 from worker.client import RootfsClient
+from worker.dev.processes import CeleryProcess, RedisServer, redis_answers, running, worker_env
+from worker.dev.templates import MIB, write_sparse
 from worker.errors import RootfsError
-from worker.local import CeleryProcess, RedisServer, redis_answers, running, worker_env
-from worker.settings import Settings
+from worker.service.settings import Settings
 
-MIB = 1024 * 1024
 #: (stack, apparent size, MiB of data): sparse like real ext4 images, so the demo is quick and small.
 SAMPLES = (("base", 256 * MIB, 8), ("node-20", 512 * MIB, 16), ("python-3.12", 384 * MIB, 12))
 
 
 def make_templates(template_dir: Path) -> None:
-    block = bytes(range(256)) * (MIB // 256)
     for stack, size, data_mib in SAMPLES:
-        path = template_dir / stack / "rootfs.ext4"
-        path.parent.mkdir(parents=True)
-        with path.open("wb") as f:
-            f.truncate(size)
-            for i in range(data_mib):
-                f.seek(i * (size // data_mib))
-                f.write(block[: MIB - i] + stack.encode())
+        write_sparse(template_dir / stack / "rootfs.ext4", size=size, data=data_mib * MIB, salt=stack.encode())
 
 
 @contextlib.contextmanager

@@ -7,8 +7,8 @@ import os
 
 import redis
 
-from worker.registry import RootfsRegistry
-from worker.settings import Settings
+from worker.core.registry import RootfsRegistry
+from worker.service.settings import Settings
 
 
 @functools.cache

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from worker import locks
+from worker.core import locks
 from worker.errors import FilesystemError
 
 log = logging.getLogger(__name__)

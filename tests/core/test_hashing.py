@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from worker import hashing
+from worker.core import hashing
+from worker.core.hashing import hash_fd, hash_file
 from worker.errors import FilesystemError, TemplateChanged
-from worker.hashing import hash_fd, hash_file
 
 MiB = 1 << 20
 BUF = hashing._BUF_SIZE

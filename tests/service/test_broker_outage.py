@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 from kombu import Queue
 
-from tests.queue import StartHost
+from tests.helpers import wait_until
+from tests.workers import StartHost
 from worker.celery import create_app
 from worker.client import RootfsClient
-from worker.local import RedisServer
-from worker.queues import host_queues
-from worker.settings import Settings
+from worker.dev.processes import RedisServer
+from worker.service.queues import host_queues
+from worker.service.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -36,9 +37,7 @@ def test_worker_holding_an_unacked_job_survives_a_redis_outage(start_host: Start
         assert client.ping(host="a").result(timeout=30) == {"host": "a"}
         # An ETA job stays reserved (unacknowledged) in the worker until it is due: like a retry waiting.
         later = app.send_task("rootfs.ping", kwargs={"host": "a"}, queue=Queue(host_queues("a").fast), countdown=5)
-        deadline = time.monotonic() + 30
-        while "rootfs.ping[" + later.id not in a.worker.log() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: "rootfs.ping[" + later.id in a.worker.log(), timeout=30, what="the ETA job to be held")
         server.stop(hard=True)
         time.sleep(3)
         server.start()
@@ -65,10 +64,7 @@ def test_clone_running_through_a_redis_outage_completes_and_reports(start_host: 
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # cold: the hash reads the disk
         client = RootfsClient(create_app(Settings.from_env(a.env)))
         handle = client.clone(host="a", vm_id="vm-1", stack="big")
-        deadline = time.monotonic() + 60
-        while handle.result_handle.state != "PROGRESS" and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert handle.result_handle.state == "PROGRESS"
+        wait_until(lambda: handle.result_handle.state == "PROGRESS", timeout=60, what="the hash to report progress")
         server.stop(hard=True)
         time.sleep(3)
         server.start()

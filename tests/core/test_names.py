@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from tests.helpers import sha256_of, tree, write_template
 from worker import InvalidStackName, InvalidVmId, RootfsConfig, RootfsError, RootfsRegistry, safe_vm_id
-from worker.names import MAX_VM_ID_CHARS, check_stack_name, check_vm_id
+from worker.core.names import MAX_VM_ID_CHARS, check_stack_name, check_vm_id
 
 #: Text biased toward what breaks paths: separators, dots, NUL, non-ASCII, lone surrogates.
 hostile_text = st.one_of(

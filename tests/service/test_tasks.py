@@ -7,7 +7,6 @@ import os
 import pickle
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,8 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Producer, Queue
 
-from tests.helpers import MIB, write_sparse_template
-from tests.queue import StartHost
+from tests.helpers import MIB, wait_until, write_sparse_template
+from tests.workers import StartHost
 from worker import (
     FilesystemError,
     InvalidArgument,
@@ -25,19 +24,10 @@ from worker import (
     StackNotFound,
 )
 from worker.client import JobHandle, RootfsClient
-from worker.local import CeleryProcess, worker_env
-from worker.queues import FANOUT_QUEUE, host_queues, worker_queue_names
+from worker.dev.processes import CeleryProcess, worker_env
+from worker.service.queues import FANOUT_QUEUE, host_queues, worker_queue_names
 
 pytestmark = pytest.mark.slow
-
-
-def _wait_for(predicate: Any, *, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _consumed_queues(log: str) -> set[str]:
@@ -178,7 +168,7 @@ def test_pickle_message_is_refused_and_never_unpickled(
             content_encoding="binary",
             headers={"task": "rootfs.release_vm", "id": "pickled-job", "lang": "py", "argsrepr": "", "kwargsrepr": ""},
         )
-    _wait_for(lambda: "pickle" in a.worker.log().lower() or "content" in a.worker.log().lower(), what="refusal")
+    wait_until(lambda: "pickle" in a.worker.log().lower() or "content" in a.worker.log().lower(), what="refusal")
     assert client.ping(host="a").result(timeout=30) == {"host": "a"}
     assert not marker.exists()
 
@@ -214,7 +204,7 @@ def test_malformed_messages_fail_cleanly_and_the_worker_goes_on(start_host: Star
                 )
             else:
                 producer.publish(body, routing_key=fast.name, serializer="json", headers={**headers, "lang": "py"})
-    _wait_for(lambda: "unknown-task" in a.worker.log() or "no_such_task" in a.worker.log(), what="unknown task logged")
+    wait_until(lambda: "unknown-task" in a.worker.log() or "no_such_task" in a.worker.log(), what="unknown task logged")
     assert client.clone(host="a", vm_id="vm-1", stack="base").result(timeout=30)["vm_id"] == "vm-1"
     assert a.worker.proc is not None and a.worker.proc.poll() is None
 
@@ -226,7 +216,7 @@ def test_clone_does_not_wait_behind_a_warm_up(start_host: StartHost, client: Roo
     client.warm(host="a").result(timeout=30)
     write_sparse_template(a.template_dir, "huge", size=6144 * MIB, data_mib=8)
     warm = client.warm(host="a")
-    _wait_for(lambda: warm.result_handle.state == "PROGRESS", what="warm-up progress")
+    wait_until(lambda: warm.result_handle.state == "PROGRESS", what="warm-up progress")
     clone = client.clone(host="a", vm_id="vm-1", stack="small").result(timeout=60)
     assert clone["hashed_bytes"] == 0
     assert warm.result_handle.state == "PROGRESS", "the clone waited for the warm-up to end"
@@ -238,7 +228,7 @@ def test_second_warm_up_on_a_host_returns_at_once(start_host: StartHost, client:
     a = start_host("a", concurrency=2)
     write_sparse_template(a.template_dir, "huge", size=6144 * MIB, data_mib=8)
     first = client.warm(host="a")
-    _wait_for(lambda: first.result_handle.state == "PROGRESS", what="warm-up progress")
+    wait_until(lambda: first.result_handle.state == "PROGRESS", what="warm-up progress")
     assert client.warm(host="a").result(timeout=60)["busy"] is True
     assert first.result(timeout=120)["hashed"] == ["huge"]
 
@@ -273,8 +263,9 @@ def test_beat_warms_every_live_host_and_clones_then_hash_nothing(
     beat.start()
     try:
         for host in (a, b):
-            _wait_for(
-                lambda h=host: "rootfs.warm_hashes" in h.worker.log() and "succeeded" in h.worker.log(),
+            log = host.worker.log
+            wait_until(
+                lambda log=log: "rootfs.warm_hashes" in log() and "succeeded" in log(),  # type: ignore[misc]
                 what=f"warm-up on {host.name}",
             )
     finally:
@@ -290,7 +281,7 @@ def test_worker_warms_its_own_host_when_it_starts(start_host: StartHost, client:
     (tdir / "base").mkdir(parents=True)
     (tdir / "base" / "rootfs.ext4").write_bytes(b"prewarmed" * 1000)
     a = start_host("a", env={"ROOTFS_WARM_ON_START": "1"}, template_dir=tdir)
-    _wait_for(lambda: "rootfs.warm_hashes" in a.worker.log() and "succeeded" in a.worker.log(), what="warm-up")
+    wait_until(lambda: "rootfs.warm_hashes" in a.worker.log() and "succeeded" in a.worker.log(), what="warm-up")
     assert client.clone(host="a", vm_id="vm-1", stack="base").result(timeout=30)["hashed_bytes"] == 0
 
 
@@ -299,9 +290,9 @@ def test_hosts_lists_live_hosts_and_forgets_stopped_ones(start_host: StartHost, 
     a, b = start_host("a"), start_host("b")
     assert [h["host"] for h in client.hosts()] == ["a", "b"]
     b.worker.stop()
-    _wait_for(lambda: [h["host"] for h in client.hosts()] == ["a"], what="b to drop out")
+    wait_until(lambda: [h["host"] for h in client.hosts()] == ["a"], what="b to drop out")
     a.worker.kill_hard()  # no goodbye: the TTL alone must end it
-    _wait_for(lambda: client.hosts() == [], timeout=30, what="a to expire")
+    wait_until(lambda: client.hosts() == [], timeout=30, what="a to expire")
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -339,7 +330,7 @@ def test_cli_json_round_trips(start_host: StartHost, client: RootfsClient) -> No
 
 def test_cli_reports_an_unreachable_broker(tmp_path: Path) -> None:
     """With Redis unreachable the CLI exits non-zero with a readable error instead of hanging."""
-    from worker.local import free_port
+    from worker.dev.processes import free_port
 
     url = f"redis://127.0.0.1:{free_port()}/0"
     env = worker_env(broker_url=url, host="a", template_dir=tmp_path, clones_dir=tmp_path / "c")

@@ -7,9 +7,9 @@ from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 
-from worker import runtime
-from worker.hosts import Heartbeat
-from worker.queues import host_queues, worker_queue_names
+from worker.service import runtime
+from worker.service.hosts import Heartbeat
+from worker.service.queues import host_queues, worker_queue_names
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import pytest
 
 from worker import RootfsConfig, RootfsRegistry, StampMismatch, safe_vm_id
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "tests" / "compat" / "build_seed.sh"
 #: build_seed.sh's exit status when there is no cargo on the machine.
 NO_CARGO = 3

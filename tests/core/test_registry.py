@@ -5,14 +5,13 @@ from __future__ import annotations
 import errno
 import multiprocessing
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import Env
-from tests.helpers import MIB, sha256_of, tree
+from tests.helpers import MIB, sha256_of, tree, wait_until
 from worker import (
     FilesystemError,
     InvalidStackName,
@@ -24,11 +23,10 @@ from worker import (
     StampMismatch,
     TemplateChanged,
     VmIdConflict,
-    cloning,
-    hashing,
     safe_vm_id,
 )
-from worker.config import DEFAULT_CLONES_DIR, DEFAULT_TEMPLATE_DIR
+from worker.core import cloning, hashing
+from worker.core.config import DEFAULT_CLONES_DIR, DEFAULT_TEMPLATE_DIR
 
 ABC = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 EMPTY = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
@@ -321,9 +319,7 @@ def test_clone_killed_mid_copy_leaves_no_complete_looking_file(env: Env) -> None
     child = ctx.Process(target=_clone_in_child, args=(str(env.template_dir), str(env.clones_dir)))
     child.start()
     partial = env.clones_dir / "vm-1" / "rootfs.ext4.partial"
-    deadline = time.monotonic() + 60
-    while not partial.exists() and child.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.0005)
+    wait_until(lambda: partial.exists() or not child.is_alive(), timeout=60, what="the copy to start", poll=0.0005)
     assert child.pid is not None
     os.kill(child.pid, 9)
     child.join()

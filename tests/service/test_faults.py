@@ -12,22 +12,21 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import MIB, sha256_of, write_template
-from tests.mounts import tmpfs_mount
-from tests.queue import StartHost
+from tests.helpers import MIB, sha256_of, tmpfs_mount, wait_until, write_template
+from tests.workers import StartHost
 from worker import FilesystemError, RootfsConfig, RootfsRegistry
 from worker.celery import create_app
 from worker.client import JobHandle, RootfsClient
-from worker.local import CeleryProcess, RedisServer
-from worker.queues import host_queues
-from worker.settings import Settings
+from worker.dev.processes import CeleryProcess, RedisServer
+from worker.service.queues import host_queues
+from worker.service.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -52,14 +51,6 @@ REDELIVERY_ENV = {
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str, poll: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout:g}s waiting for {what}")
-        time.sleep(poll)
 
 
 def client_for(url: str) -> RootfsClient:
@@ -182,7 +173,7 @@ def test_worker_killed_mid_clone_job_is_redelivered_and_completes(
     partial = vm_dir / "rootfs.ext4.partial"
     try:
         handle = client.clone(host=host.name, vm_id="vm-kill", stack=big_template.stack)
-        wait_for(lambda: partial.exists() and partial.stat().st_size > 0, timeout=60, what="the copy to start")
+        wait_until(lambda: partial.exists() and partial.stat().st_size > 0, timeout=60, what="the copy to start")
         host.worker.kill_hard()
         assert not (vm_dir / "rootfs.ext4").exists(), "the copy finished before the kill: use a bigger template"
         assert partial.exists()
@@ -244,7 +235,7 @@ def test_ten_duplicate_clone_jobs_make_exactly_one_clone(start_host: StartHost, 
             pending.remove(handle)
         return not pending
 
-    wait_for(collect, timeout=120, what="ten answers", poll=0.01)
+    wait_until(collect, timeout=120, what="ten answers", poll=0.01)
     assert len({(r["path"], r["source_sha256"], r["vm_id"]) for r in results}) == 1
     assert len(set(inodes)) == 1, f"the clone was replaced between answers: inodes {inodes}"
     assert_complete_clone(vm_dir, results[0], digest)
@@ -300,7 +291,7 @@ def test_clone_into_a_full_disk_succeeds_once_space_is_freed(
     ballast.write_bytes(b"\xff" * (12 * MIB))  # leaves about 4 MiB free: too little for an 8 MiB clone
 
     handle = client.clone(host="freed", vm_id="vm-freed", stack="base")
-    wait_for(
+    wait_until(
         lambda: handle.result_handle.state == "RETRY" or "retry 1/5" in host.worker.log(),
         timeout=60,
         what="the first attempt to fail",
@@ -330,7 +321,7 @@ def test_worker_reconnects_after_losing_redis(own_redis: RedisServer, start_host
     # A job the worker has taken but not finished when Redis goes (one scheduled a minute ahead, as a retry
     # waiting for its backoff is): the worker's unacknowledged messages are what made kombu 5.7 crash.
     held = app.send_task("rootfs.ping", kwargs={"host": "outage"}, queue=host_queues("outage").fast, countdown=60)
-    wait_for(lambda: f"rootfs.ping[{held.id}] received" in host.worker.log(), timeout=30, what="the ping to be taken")
+    wait_until(lambda: f"rootfs.ping[{held.id}] received" in host.worker.log(), timeout=30, what="the ping to be taken")
 
     own_redis.stop(hard=True)
     time.sleep(3)  # the outage itself, not a wait for a result

@@ -16,8 +16,8 @@ import redis
 
 from worker.celery import create_app
 from worker.client import RootfsClient
-from worker.local import CeleryProcess, RedisServer, worker_env
-from worker.settings import Settings
+from worker.dev.processes import CeleryProcess, RedisServer, worker_env
+from worker.service.settings import Settings
 
 
 @pytest.fixture(scope="session")

@@ -1,83 +1,52 @@
-"""The registry: list and hash template stacks, clone one per VM, release clones.
+"""The registry facade: list and hash template stacks, clone one per VM, release clones.
 
-On-disk layout, shared with the Rust runtime (both ways):
-
-    <template_dir>/<stack>/rootfs.ext4
-    <clones_dir>/<safe_vm_id>/rootfs.ext4          the VM's writable disk
-    <clones_dir>/<safe_vm_id>/rootfs.ext4.sha256   64 lowercase hex digits, no newline
-    <clones_dir>/<safe_vm_id>/.vm-id               ours only: the caller's original vm id
-
-and ours only, under names no safe vm id can take (safe ids have no dots):
-
-    <clones_dir>/.cache/hashes/   shared template-hash cache
-    <clones_dir>/.locks/          one flock file per VM
-    <clones_dir>/.trash/          released clones being deleted
-
-Crash safety rests on one invariant: `rootfs.ext4` exists only once it is complete, stamped and on disk.
-A clone is built as `.rootfs.ext4.partial`, flushed, stamped, and only then renamed into place; a release
-renames the VM's directory into `.trash` before deleting it. Everything for one VM happens under its flock.
+The clone and release protocols are kept together here so the crash-safety argument reads in one place
+(see worker.core.layout for the invariant, docs/crash-safety.md for the argument): a clone is built as
+`.rootfs.ext4.partial`, flushed, stamped, and only then renamed into place; a release renames the VM's
+directory into `.trash` before deleting it. Everything for one VM happens under its flock.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
-import shutil
 import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from worker import cloning, hashing, locks
-from worker.config import RootfsConfig
+from worker.core import cloning, fsops, hashing, locks
+from worker.core.config import RootfsConfig
+from worker.core.hashcache import FileKey, HashCache
+from worker.core.layout import (
+    CACHE_DIR,
+    CLONE_ROOTFS_FILE,
+    CLONE_STAMP_FILE,
+    LOCKS_DIR,
+    OWNER_FILE,
+    PARTIAL_SUFFIX,
+    TRASH_DIR,
+    WARM_LOCK,
+    partials,
+)
+from worker.core.models import StackInfo, VmRootfs, WarmReport
+from worker.core.names import check_stack_name, check_vm_id
+from worker.core.templates import Template, open_template, stack_names
 from worker.errors import (
     FilesystemError,
     RootfsError,
     StackNotFound,
     StampMismatch,
-    TemplateChanged,
     VmIdConflict,
 )
-from worker.hashcache import FileKey, HashCache
-from worker.models import StackInfo, VmRootfs, WarmReport
-from worker.names import check_stack_name, check_vm_id, is_valid_stack_name
 
 log = logging.getLogger(__name__)
 
-TEMPLATE_ROOTFS_FILE = "rootfs.ext4"
-CLONE_ROOTFS_FILE = "rootfs.ext4"
-CLONE_STAMP_FILE = "rootfs.ext4.sha256"
-OWNER_FILE = ".vm-id"
-PARTIAL_SUFFIX = ".partial"
-CACHE_DIR = ".cache"
-LOCKS_DIR = ".locks"
-TRASH_DIR = ".trash"
-#: In LOCKS_DIR; starts with a dot, so no safe vm id can take it.
-WARM_LOCK = ".warm.lock"
 
 #: (stack, bytes done, bytes total) while a template is being hashed.
 HashProgress = Callable[[str, int, int], None]
-
-_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class _Template:
-    """An open template: every later read, hash and copy goes through this one fd, so a path swapped
-    underneath cannot make us hash one file and copy another."""
-
-    def __init__(self, name: str, path: Path, fd: int) -> None:
-        self.name = name
-        self.path = path
-        self.fd = fd
-        self.key = FileKey.of(os.fstat(fd))
-
-    def check_unchanged(self) -> None:
-        now = FileKey.of(os.fstat(self.fd))
-        if now != self.key:
-            raise TemplateChanged(str(self.path), f"size {self.key.size} -> {now.size}, stat changed")
 
 
 class RootfsRegistry:
@@ -104,7 +73,7 @@ class RootfsRegistry:
     def stack(self, name: str, *, progress: HashProgress | None = None) -> StackInfo | None:
         """One stack by name, None when absent. An invalid name raises before any filesystem access."""
         check_stack_name(name)
-        with self._open_template(name) as template:
+        with open_template(self._config.template_dir, name) as template:
             if template is None:
                 return None
             return self._info(template, progress)[0]
@@ -123,9 +92,9 @@ class RootfsRegistry:
             warm: list[str] = []
             failed: dict[str, str] = {}
             total = 0
-            for name in self._stack_names():
+            for name in stack_names(self._config.template_dir):
                 try:
-                    with self._open_template(name) as template:
+                    with open_template(self._config.template_dir, name) as template:
                         if template is None:
                             continue
                         info, computed = self._info(template, progress)
@@ -144,70 +113,12 @@ class RootfsRegistry:
         return hashing.hash_file(path)
 
     def _scan(self, progress: HashProgress | None) -> Iterator[tuple[StackInfo, bool]]:
-        for name in self._stack_names():
-            with self._open_template(name) as template:
+        for name in stack_names(self._config.template_dir):
+            with open_template(self._config.template_dir, name) as template:
                 if template is not None:
                     yield self._info(template, progress)
 
-    def _stack_names(self) -> list[str]:
-        tdir = self._config.template_dir
-        try:
-            entries = list(os.scandir(tdir))
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise FilesystemError.from_os(exc, op="read template dir", path=tdir) from exc
-        names = []
-        for entry in entries:
-            # Names that are not UTF-8 are skipped, as the seed skips them: no caller could send them.
-            if is_valid_stack_name(entry.name) and _is_dir(entry):
-                names.append(entry.name)
-        return sorted(names)
-
-    def _resolve_template(self, name: str) -> tuple[Path, str] | None:
-        """The template path of `name` and its real path, or None when there is none inside the template
-        dir. Symlinks inside the template dir (a stack alias) are followed; one that leads outside is not."""
-        tdir = self._config.template_dir
-        path = tdir / name / TEMPLATE_ROOTFS_FILE
-        try:
-            real = os.path.realpath(path, strict=True)
-            root = os.path.realpath(tdir, strict=True)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                return None
-            raise FilesystemError.from_os(exc, op="stat template", path=path) from exc
-        if not real.startswith(root.rstrip("/") + "/"):
-            log.warning("template %s resolves outside %s (%s); ignored", path, tdir, real)
-            return None
-        return path, real
-
-    @contextlib.contextmanager
-    def _open_template(self, name: str) -> Iterator[_Template | None]:
-        """The template of `name`, opened, or None when it has none."""
-        resolved = self._resolve_template(name)
-        if resolved is None:
-            yield None
-            return
-        path, real = resolved
-        try:
-            # O_NONBLOCK: a FIFO planted as a template must not hang the worker; regular files ignore it.
-            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:
-            yield None
-            return
-        except OSError as exc:
-            raise FilesystemError.from_os(exc, op="open template", path=path) from exc
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                yield None
-                return
-            yield _Template(name, path, fd)
-        finally:
-            os.close(fd)
-
-    def _info(self, template: _Template, progress: HashProgress | None) -> tuple[StackInfo, bool]:
+    def _info(self, template: Template, progress: HashProgress | None) -> tuple[StackInfo, bool]:
         """The template's info and whether its hash had to be computed now."""
 
         def compute() -> str:
@@ -226,7 +137,7 @@ class RootfsRegistry:
         safe_id = check_vm_id(vm_id)
         check_stack_name(stack)
         vm_dir = self._config.clones_dir / safe_id
-        with self._vm_lock(safe_id), self._open_template(stack) as template:
+        with self._vm_lock(safe_id), open_template(self._config.template_dir, stack) as template:
             if template is None:
                 raise StackNotFound(stack, str(self._config.template_dir))
             with self._open_vm_dir(vm_dir, create=False) as dir_fd:
@@ -238,7 +149,7 @@ class RootfsRegistry:
             return self._clone_from(template, vm_dir, vm_id, safe_id, progress)
 
     def _clone_from(
-        self, template: _Template, vm_dir: Path, vm_id: str, safe_id: str, progress: HashProgress | None
+        self, template: Template, vm_dir: Path, vm_id: str, safe_id: str, progress: HashProgress | None
     ) -> VmRootfs:
         info, _ = self._info(template, progress)
         with self._open_vm_dir(vm_dir, create=True) as dir_fd:
@@ -268,7 +179,7 @@ class RootfsRegistry:
             try:
                 trash.mkdir(exist_ok=True)
                 os.rename(vm_dir, doomed)
-                _fsync_dir(clones)
+                fsops.fsync_dir(clones)
             except OSError as exc:
                 raise FilesystemError.from_os(exc, op="remove clone dir", path=vm_dir) from exc
         self._empty_trash(doomed)
@@ -294,7 +205,7 @@ class RootfsRegistry:
             except OSError as exc:
                 raise FilesystemError.from_os(exc, op="create clone dir", path=vm_dir) from exc
         try:
-            fd = os.open(vm_dir, _OPEN_DIR)
+            fd = os.open(vm_dir, fsops.OPEN_DIR)
         except FileNotFoundError:
             if create:
                 raise
@@ -309,7 +220,7 @@ class RootfsRegistry:
             os.close(fd)
 
     def _check_owner(self, dir_fd: int, vm_dir: Path, vm_id: str, safe_id: str) -> None:
-        owner = _read_text(dir_fd, OWNER_FILE, vm_dir)
+        owner = fsops.read_text(dir_fd, OWNER_FILE, vm_dir)
         if owner and owner != vm_id:
             raise VmIdConflict(vm_id, safe_id, owner)
 
@@ -319,8 +230,8 @@ class RootfsRegistry:
         Not flushed on its own (one fsync less on the clone path): after a power cut the record may come
         back empty, which reads as no record, as for a directory the seed made.
         """
-        if _read_text(dir_fd, OWNER_FILE, vm_dir) != vm_id:
-            _write_atomic(dir_fd, OWNER_FILE, vm_id.encode("utf-8", "surrogatepass"), vm_dir, durable=False)
+        if fsops.read_text(dir_fd, OWNER_FILE, vm_dir) != vm_id:
+            fsops.write_atomic(dir_fd, OWNER_FILE, vm_id.encode("utf-8", "surrogatepass"), vm_dir, durable=False)
 
     def _existing_clone(self, dir_fd: int, vm_dir: Path, safe_id: str, info: StackInfo) -> bool:
         """True when a complete clone of these bytes is in place (ours or the seed's), False when none."""
@@ -330,12 +241,12 @@ class RootfsRegistry:
             return False
         except OSError as exc:
             raise FilesystemError.from_os(exc, op="stat clone", path=vm_dir / CLONE_ROOTFS_FILE) from exc
-        stamp = _read_text(dir_fd, CLONE_STAMP_FILE, vm_dir)
+        stamp = fsops.read_text(dir_fd, CLONE_STAMP_FILE, vm_dir)
         if stamp != info.sha256:
             raise StampMismatch(safe_id, info.name, stamp or "", info.sha256)
         return True
 
-    def _build_clone(self, dir_fd: int, vm_dir: Path, template: _Template, digest: str) -> None:
+    def _build_clone(self, dir_fd: int, vm_dir: Path, template: Template, digest: str) -> None:
         partial = CLONE_ROOTFS_FILE + PARTIAL_SUFFIX
         dst_path = vm_dir / partial
         try:
@@ -357,72 +268,28 @@ class RootfsRegistry:
             finally:
                 os.close(dst)
             template.check_unchanged()
-            _write_atomic(dir_fd, CLONE_STAMP_FILE, digest.encode("ascii"), vm_dir)
+            fsops.write_atomic(dir_fd, CLONE_STAMP_FILE, digest.encode("ascii"), vm_dir)
             try:
                 os.rename(partial, CLONE_ROOTFS_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
                 os.fsync(dir_fd)
                 # Last, so one journal commit usually covers it: the VM's directory entry itself.
-                _fsync_dir(vm_dir.parent)
+                fsops.fsync_dir(vm_dir.parent)
             except OSError as exc:
                 raise FilesystemError.from_os(exc, op="rename clone", path=dst_path) from exc
         except BaseException:
-            for leftover in (CLONE_STAMP_FILE, *_partials()):
+            for leftover in (CLONE_STAMP_FILE, *partials()):
                 with contextlib.suppress(RootfsError):
-                    _unlink(dir_fd, leftover, vm_dir)
+                    fsops.unlink(dir_fd, leftover, vm_dir)
             raise
         log.info("cloned %s to %s by %s", template.path, vm_dir / CLONE_ROOTFS_FILE, method)
 
     def _empty_trash(self, doomed: Path) -> None:
         """Delete this release's clone, then any left by releases that crashed; a failure leaves them for
         the next release and never fails this one. Concurrent releases may race for the same leftovers."""
-        _delete_quietly(doomed)
+        fsops.delete_quietly(doomed)
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(doomed.parent):
-                _delete_quietly(Path(entry.path))
-
-
-def _delete_quietly(path: Path) -> None:
-    def ignore_vanished(_: object, name: str, exc_info: tuple[type[BaseException], BaseException, object]) -> None:
-        if not isinstance(exc_info[1], FileNotFoundError):
-            log.warning("could not delete released clone %s: %s", name, exc_info[1])
-
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, onerror=ignore_vanished)
-        else:
-            path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("could not delete released clone %s: %s", path, exc)
-
-
-def _partials() -> tuple[str, ...]:
-    return tuple(name + PARTIAL_SUFFIX for name in (CLONE_ROOTFS_FILE, CLONE_STAMP_FILE, OWNER_FILE))
-
-
-def _is_dir(entry: os.DirEntry[str]) -> bool:
-    try:
-        return entry.is_dir()
-    except OSError:
-        return False
-
-
-def _read_text(dir_fd: int, name: str, vm_dir: Path) -> str | None:
-    """A small file's trimmed text (as the seed reads stamps), None when it does not exist."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise FilesystemError.from_os(exc, op="read", path=vm_dir / name) from exc
-    try:
-        raw = os.read(fd, 4096)
-    except OSError as exc:
-        raise FilesystemError.from_os(exc, op="read", path=vm_dir / name) from exc
-    finally:
-        os.close(fd)
-    return raw.decode("utf-8", "surrogatepass").strip()
+                fsops.delete_quietly(Path(entry.path))
 
 
 def _clear_leftovers(dir_fd: int, vm_dir: Path) -> bool:
@@ -440,15 +307,15 @@ def _clear_leftovers(dir_fd: int, vm_dir: Path) -> bool:
         st is not None
         and stat.S_ISREG(st.st_mode)
         and st.st_nlink == 1
-        and _read_text(dir_fd, CLONE_STAMP_FILE, vm_dir) is not None
+        and fsops.read_text(dir_fd, CLONE_STAMP_FILE, vm_dir) is not None
     )
-    doomed = list(_partials())
+    doomed = list(partials())
     if not complete:
         if st is not None:
             log.warning("removing incomplete or shared clone in %s", vm_dir)
         doomed += [CLONE_ROOTFS_FILE, CLONE_STAMP_FILE]
     for name in doomed:
-        _unlink(dir_fd, name, vm_dir)
+        fsops.unlink(dir_fd, name, vm_dir)
     return not complete and st is not None
 
 
@@ -457,46 +324,6 @@ def _discard_if_unused(dir_fd: int, vm_dir: Path) -> None:
     with contextlib.suppress(OSError, RootfsError):
         if os.path.lexists(vm_dir / CLONE_ROOTFS_FILE):
             return
-        for leftover in (CLONE_STAMP_FILE, OWNER_FILE, *_partials()):
-            _unlink(dir_fd, leftover, vm_dir)
+        for leftover in (CLONE_STAMP_FILE, OWNER_FILE, *partials()):
+            fsops.unlink(dir_fd, leftover, vm_dir)
         os.rmdir(vm_dir)
-
-
-def _write_atomic(dir_fd: int, name: str, data: bytes, vm_dir: Path, *, durable: bool = True) -> None:
-    """Write, flush, rename: readers see the old file or the whole new one, also after a power cut
-    (unless not `durable`: then only while the machine stays up)."""
-    partial = name + PARTIAL_SUFFIX
-    try:
-        fd = os.open(
-            partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd
-        )
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(partial, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except OSError as exc:
-        raise FilesystemError.from_os(exc, op="write", path=vm_dir / name) from exc
-
-
-def _unlink(dir_fd: int, name: str, vm_dir: Path) -> None:
-    try:
-        os.unlink(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
-    except IsADirectoryError:
-        shutil.rmtree(vm_dir / name, ignore_errors=True)
-    except OSError as exc:
-        raise FilesystemError.from_os(exc, op="remove", path=vm_dir / name) from exc
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from worker.config import CLONES_DIR_VAR, DEFAULT_CLONES_DIR, DEFAULT_TEMPLATE_DIR, TEMPLATE_DIR_VAR, RootfsConfig
+from worker.core.config import CLONES_DIR_VAR, DEFAULT_CLONES_DIR, DEFAULT_TEMPLATE_DIR, TEMPLATE_DIR_VAR, RootfsConfig
 from worker.errors import InvalidArgument
-from worker.queues import check_host
+from worker.service.queues import check_host
 
 
 class Variable(NamedTuple):

@@ -1,0 +1,35 @@
+"""The on-disk layout, shared with the Rust runtime (both ways), and the invariant it keeps.
+
+    <template_dir>/<stack>/rootfs.ext4
+    <clones_dir>/<safe_vm_id>/rootfs.ext4          the VM's writable disk
+    <clones_dir>/<safe_vm_id>/rootfs.ext4.sha256   64 lowercase hex digits, no newline
+    <clones_dir>/<safe_vm_id>/.vm-id               ours only: the caller's original vm id
+
+and ours only, under names no safe vm id can take (safe ids have no dots):
+
+    <clones_dir>/.cache/hashes/   shared template-hash cache
+    <clones_dir>/.locks/          one flock file per VM
+    <clones_dir>/.trash/          released clones being deleted
+
+The invariant: `rootfs.ext4` exists only once it is complete, stamped and on disk. Everything that writes
+into a VM directory (worker.core.registry) keeps it; everything that reads one (the Rust runtime too) may
+rely on it.
+"""
+
+from __future__ import annotations
+
+TEMPLATE_ROOTFS_FILE = "rootfs.ext4"
+CLONE_ROOTFS_FILE = "rootfs.ext4"
+CLONE_STAMP_FILE = "rootfs.ext4.sha256"
+OWNER_FILE = ".vm-id"
+PARTIAL_SUFFIX = ".partial"
+CACHE_DIR = ".cache"
+LOCKS_DIR = ".locks"
+TRASH_DIR = ".trash"
+#: In LOCKS_DIR; starts with a dot, so no safe vm id can take it.
+WARM_LOCK = ".warm.lock"
+
+
+def partials() -> tuple[str, ...]:
+    """Names an interrupted write may leave in a VM directory; never part of a complete clone."""
+    return tuple(name + PARTIAL_SUFFIX for name in (CLONE_ROOTFS_FILE, CLONE_STAMP_FILE, OWNER_FILE))

@@ -1,0 +1,101 @@
+"""Which template files to trust, and how to hold one: opened once, read only through that fd.
+
+A stack is a directory `<template_dir>/<name>` (a symlink to another stack inside the template dir is an
+alias) holding a regular file `rootfs.ext4`. A template whose real path leads outside the template dir, a
+FIFO or device, or a name no caller could send is not a stack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+from worker.core.fsops import is_dir
+from worker.core.hashcache import FileKey
+from worker.core.layout import TEMPLATE_ROOTFS_FILE
+from worker.core.names import is_valid_stack_name
+from worker.errors import FilesystemError, TemplateChanged
+
+log = logging.getLogger(__name__)
+
+
+class Template:
+    """An open template: every later read, hash and copy goes through this one fd, so a path swapped
+    underneath cannot make us hash one file and copy another."""
+
+    def __init__(self, name: str, path: Path, fd: int) -> None:
+        self.name = name
+        self.path = path
+        self.fd = fd
+        self.key = FileKey.of(os.fstat(fd))
+
+    def check_unchanged(self) -> None:
+        now = FileKey.of(os.fstat(self.fd))
+        if now != self.key:
+            raise TemplateChanged(str(self.path), f"size {self.key.size} -> {now.size}, stat changed")
+
+
+def stack_names(template_dir: Path) -> list[str]:
+    tdir = template_dir
+    try:
+        entries = list(os.scandir(tdir))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise FilesystemError.from_os(exc, op="read template dir", path=tdir) from exc
+    names = []
+    for entry in entries:
+        # Names that are not UTF-8 are skipped, as the seed skips them: no caller could send them.
+        if is_valid_stack_name(entry.name) and is_dir(entry):
+            names.append(entry.name)
+    return sorted(names)
+
+
+def resolve_template(template_dir: Path, name: str) -> tuple[Path, str] | None:
+    """The template path of `name` and its real path, or None when there is none inside the template
+    dir. Symlinks inside the template dir (a stack alias) are followed; one that leads outside is not."""
+    tdir = template_dir
+    path = tdir / name / TEMPLATE_ROOTFS_FILE
+    try:
+        real = os.path.realpath(path, strict=True)
+        root = os.path.realpath(tdir, strict=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None
+        raise FilesystemError.from_os(exc, op="stat template", path=path) from exc
+    if not real.startswith(root.rstrip("/") + "/"):
+        log.warning("template %s resolves outside %s (%s); ignored", path, tdir, real)
+        return None
+    return path, real
+
+
+@contextlib.contextmanager
+def open_template(template_dir: Path, name: str) -> Iterator[Template | None]:
+    """The template of `name`, opened, or None when it has none."""
+    resolved = resolve_template(template_dir, name)
+    if resolved is None:
+        yield None
+        return
+    path, real = resolved
+    try:
+        # O_NONBLOCK: a FIFO planted as a template must not hang the worker; regular files ignore it.
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        yield None
+        return
+    except OSError as exc:
+        raise FilesystemError.from_os(exc, op="open template", path=path) from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            yield None
+            return
+        yield Template(name, path, fd)
+    finally:
+        os.close(fd)

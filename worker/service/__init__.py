@@ -1,0 +1,1 @@
+"""The Celery/Redis side around the core: settings, queues, heartbeats, transport, retries, lifecycle."""
