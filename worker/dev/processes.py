@@ -194,4 +194,4 @@ def _end(proc: subprocess.Popen[bytes], *, hard: bool) -> None:
 
 
 def _project_root() -> str:
-    return str(Path(__file__).resolve().parent.parent)
+    return str(Path(__file__).resolve().parents[2])
