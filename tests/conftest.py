@@ -1,15 +1,22 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.helpers import sha256_of, write_sparse_template, write_template
 from worker import RootfsConfig, RootfsRegistry
 
 pytest_plugins = ["tests.workers"]
+
+# Under mutation testing (scripts/mutation.sh sets HYPOTHESIS_PROFILE) every mutant must meet the same examples,
+# and the trampolines mutmut wraps around each function make calls slower: no deadline.
+settings.register_profile("mutation", derandomize=True, deadline=None, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @dataclass
