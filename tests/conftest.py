@@ -19,6 +19,16 @@ settings.register_profile("mutation", derandomize=True, deadline=None, database=
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
+@pytest.fixture(autouse=True)
+def _mutant_cannot_touch_the_working_copy(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under mutmut the tests run inside its working copy (./mutants): a mutant that turns a path into None or ""
+    would act on the current directory (scandir(None) lists "."), so each test starts in an empty one instead."""
+    if "MUTANT_UNDER_TEST" in os.environ:
+        monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @dataclass
 class Env:
     """A registry over tmp dirs that remembers the sha256 of every template a test writes through it, so

@@ -532,3 +532,18 @@ def test_concurrent_releases_delete_everything(env: Env) -> None:
     assert sorted(p.name for p in env.clones_dir.iterdir()) == [".cache", ".locks", ".trash"]
     assert list((env.clones_dir / ".trash").iterdir()) == []
     assert list((env.clones_dir / ".locks").iterdir()) == []
+
+
+# ------------------------------------------------------------------ found by mutation testing (issue 14)
+
+
+def test_vm_id_with_surrounding_whitespace_owns_its_clone(env: Env) -> None:
+    """ "vm-1 " clones, clones again and releases; "vm-1\\t" (same directory, vm-1_) is refused its disk."""
+    env.template("base", b"x")
+    first = env.registry.clone_for_vm("vm-1 ", "base")
+    assert env.registry.clone_for_vm("vm-1 ", "base") == first
+    with pytest.raises(VmIdConflict) as info:
+        env.registry.clone_for_vm("vm-1\t", "base")
+    assert info.value.owner == "vm-1 "
+    assert env.registry.release("vm-1 ") is True
+    assert not first.path.exists()
