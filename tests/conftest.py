@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,12 @@ def _mutant_cannot_touch_the_working_copy(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under mutmut the tests run inside its working copy (./mutants): a mutant that turns a path into None or ""
-    would act on the current directory (scandir(None) lists "."), so each test starts in an empty one instead."""
+    would act on the current directory (scandir(None) lists "."), so each test starts in an empty one instead.
+    It holds only mutmut's config, which the `spawn` children of multiprocessing tests read when they start."""
     if "MUTANT_UNDER_TEST" in os.environ:
-        monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+        cwd = tmp_path_factory.mktemp("cwd")
+        shutil.copy("pyproject.toml", cwd / "pyproject.toml")
+        monkeypatch.chdir(cwd)
 
 
 @dataclass
