@@ -3,7 +3,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import re
 import threading
 from collections.abc import Callable
 from itertools import pairwise
@@ -283,7 +282,7 @@ def test_small_template_reports_only_its_end(tmp_path: Path) -> None:
     for size in (EVERY - 1, EVERY):
         path = sparse_file(tmp_path / "small.ext4", size, {0: b"x"})
         calls: list[tuple[int, int]] = []
-        hash_file(path, progress=lambda done, total: calls.append((done, total)))
+        hash_file(path, progress=lambda done, total, calls=calls: calls.append((done, total)))
         assert calls == [(size, size)]
 
 
