@@ -226,6 +226,14 @@ def bytes_read_by_this_process() -> int:
     raise AssertionError("no rchar in /proc/self/io")
 
 
+def recorder(calls: list[tuple[int, int]]) -> Callable[[int, int], None]:
+    return lambda done, total: calls.append((done, total))
+
+
+def rewrite_start(fd: int) -> None:
+    os.pwrite(fd, b"changed", 0)
+
+
 def test_holes_are_not_read(tmp_path: Path) -> None:
     """A 256 MiB template with 2 MiB of data costs about 2 MiB of reads; the same bytes written out cost them all."""
     sparse = sparse_file(tmp_path / "sparse.ext4", 256 * MiB, {0: os.urandom(MiB), 100 * MiB + 5: os.urandom(MiB)})
@@ -273,7 +281,7 @@ def test_progress_is_reported_every_64_mib(tmp_path: Path) -> None:
     for path, marks in ((hole, 3), (dense, 2)):
         size = path.stat().st_size
         calls: list[tuple[int, int]] = []
-        hash_file(path, progress=lambda done, total, calls=calls: calls.append((done, total)))
+        hash_file(path, progress=recorder(calls))
         assert calls == [*((k * EVERY, size) for k in range(1, marks + 1)), (size, size)]
 
 
@@ -282,7 +290,7 @@ def test_small_template_reports_only_its_end(tmp_path: Path) -> None:
     for size in (EVERY - 1, EVERY):
         path = sparse_file(tmp_path / "small.ext4", size, {0: b"x"})
         calls: list[tuple[int, int]] = []
-        hash_file(path, progress=lambda done, total, calls=calls: calls.append((done, total)))
+        hash_file(path, progress=recorder(calls))
         assert calls == [(size, size)]
 
 
@@ -291,7 +299,7 @@ def test_change_while_hashing_says_what_changed(tmp_path: Path) -> None:
     path = tmp_path / "t.ext4"
     path.write_bytes(os.urandom(8 * MiB))
     real_preadv = os.preadv
-    cut = []
+    cut: list[bool] = []
 
     def cut_then_read(fd: int, buffers: list[memoryview], offset: int) -> int:
         if not cut:
@@ -317,7 +325,7 @@ def test_change_while_hashing_says_what_changed(tmp_path: Path) -> None:
     path = sparse_file(tmp_path / "w.ext4", EVERY + 2 * RING, {0: b"z" * MiB})
     os.utime(path, ns=(0, 0))
     with pytest.raises(TemplateChanged) as rewritten:
-        _hash_while(path, lambda fd: os.pwrite(fd, b"changed", 0) and None)
+        _hash_while(path, rewrite_start)
     assert rewritten.value.detail == "rewritten in place (mtime/ctime moved)"
 
 
