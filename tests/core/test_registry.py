@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import json
 import multiprocessing
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +80,10 @@ def test_stack_by_name_returns_none_for_missing(env: Env) -> None:
     assert env.registry.stack("nope") is None
 
 
-def test_hash_cache_skips_rehash_when_mtime_unchanged(env: Env) -> None:
-    """New bytes under a restored mtime are still seen: the cache key includes ctime and size."""
+def test_new_bytes_under_a_restored_mtime_are_rehashed(env: Env) -> None:
+    """New bytes under a restored mtime are still seen: the cache key includes ctime and size.
+
+    (The seed's name for this test, test_hash_cache_skips_rehash_when_mtime_unchanged, said the opposite.)"""
     path = env.template("base", b"first-bytes")
     rewind_mtime(path, 5)
     first = env.registry.stack("base")
@@ -381,14 +385,44 @@ def test_hash_cache_is_shared_across_registries_and_restarts(env: Env, monkeypat
     assert counter.calls == 0
 
 
-def test_damaged_cache_entry_is_a_miss_not_a_wrong_hash(env: Env) -> None:
+@pytest.mark.parametrize("damage", ["cut short", "other digest, not hex", "other file's key"])
+def test_damaged_cache_entry_is_a_miss_not_a_wrong_hash(env: Env, damage: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A cache entry that was cut short or tampered with is ignored and the template is hashed again."""
     path = env.template("base", b"bytes")
-    env.registry.stack("base")
-    for entry in (env.clones_dir / ".cache" / "hashes").glob("*.json"):
-        entry.write_text('{"key": {}, "sha25')
+    assert env.registry.stack("base") is not None
+    found = list((env.clones_dir / ".cache" / "hashes").glob("*.json"))
+    assert len(found) == 1, "no cache entry to damage"
+    body = json.loads(found[0].read_text())
+    if damage == "cut short":
+        found[0].write_text('{"key": {}, "sha25')
+    elif damage == "other digest, not hex":
+        found[0].write_text(json.dumps({**body, "sha256": "g" * 64}))
+    else:
+        found[0].write_text(json.dumps({**body, "key": {**body["key"], "ino": body["key"]["ino"] + 1}}))
+    counter = CountingHash(monkeypatch)
     info = env.registry_again().stack("base")
     assert info is not None and info.sha256 == sha256_of(path)
+    assert counter.calls == 1
+
+
+def test_same_size_rewrite_under_a_restored_mtime_is_rehashed(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes rewritten in place, same size, mtime put back (as `touch -d` does): the ctime in the key sees it."""
+    path = env.template("base", b"version-1")
+    rewind_mtime(path, 5)
+    first = env.registry.stack("base")
+    counter = CountingHash(monkeypatch)
+    assert env.registry.stack("base") == first
+    assert counter.calls == 0
+    st = path.stat()
+    with path.open("r+b") as f:
+        f.write(b"version-2")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    env.forget(path)
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    for registry in (env.registry, env.registry_again()):
+        second = registry.stack("base")
+        assert second is not None and first is not None
+        assert second.sha256 == sha256_of(path) != first.sha256
 
 
 def test_template_changing_during_clone_fails_transient_and_leaves_nothing(
@@ -547,3 +581,112 @@ def test_vm_id_with_surrounding_whitespace_owns_its_clone(env: Env) -> None:
     assert info.value.owner == "vm-1 "
     assert env.registry.release("vm-1 ") is True
     assert not first.path.exists()
+
+
+def test_symlink_planted_as_a_vms_rootfs_is_replaced_not_followed(env: Env) -> None:
+    """A rootfs.ext4 that is a symlink (to a host file) is never handed out nor written through: a real clone
+    replaces it and the target is untouched; a real clone in its place is kept as it is."""
+    env.template("base", b"template")
+    info = env.registry.stack("base")
+    assert info is not None
+    secret = env.root / "outside" / "host-disk.img"
+    secret.parent.mkdir()
+    secret.write_bytes(b"host data")
+    vm_dir = env.clones_dir / "vm-1"
+    vm_dir.mkdir(parents=True)
+    (vm_dir / "rootfs.ext4").symlink_to(secret)
+    (vm_dir / "rootfs.ext4.sha256").write_text(info.sha256)
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    assert not rootfs.path.is_symlink() and stat.S_ISREG(rootfs.path.lstat().st_mode)
+    assert rootfs.path.read_bytes() == b"template"
+    assert secret.read_bytes() == b"host data"
+    ino = rootfs.path.stat().st_ino
+    assert env.registry.clone_for_vm("vm-1", "base") == rootfs
+    assert rootfs.path.stat().st_ino == ino
+    assert env.registry.release("vm-1") is True
+    assert secret.read_bytes() == b"host data"
+
+
+@pytest.mark.parametrize(("template_mode", "clone_mode"), [(0o644, 0o644), (0o444, 0o644), (0o640, 0o640)])
+def test_clone_keeps_the_templates_permissions_and_is_writable_by_its_owner(
+    env: Env, template_mode: int, clone_mode: int
+) -> None:
+    """The clone has the template's permission bits, plus read/write for its owner (the VM writes to it)."""
+    path = env.template("base", b"x" * 100)
+    path.chmod(template_mode)
+    old_umask = os.umask(0o022)
+    try:
+        rootfs = env.registry.clone_for_vm("vm-1", "base")
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(rootfs.path.stat().st_mode) == clone_mode
+
+
+def test_two_warm_ups_at_once_one_works_the_other_says_busy(env: Env) -> None:
+    """A warm-up that starts while another runs returns at once as busy, hashing nothing; afterwards one runs."""
+    env.template("a", b"a-bytes")
+    env.template("b", b"b-bytes")
+    during: list[object] = []
+
+    def start_another(stack: str, done: int, total: int) -> None:
+        if not during:
+            during.append(env.registry_again().warm())
+
+    first = env.registry.warm(progress=start_another)
+    assert first.hashed == ("a", "b") and not first.busy
+    (second,) = during
+    assert second == type(first)(busy=True)
+    assert second.to_dict()["busy"] is True and second.to_dict()["hashed"] == []
+    third = env.registry_again().warm()
+    assert not third.busy and third.already_warm == ("a", "b") and third.hashed == ()
+
+
+def test_warm_up_reports_a_failing_stack_and_hashes_the_others(env: Env) -> None:
+    """A stack whose template changes while it is hashed is reported in `failed` with its error; others are hashed."""
+    env.template("a-good", b"good")
+    bad = env.template("b-bad", b"bad" * 1000)
+    env.template("c-good", b"also good")
+    env.forget(bad)
+
+    def rewrite_bad(stack: str, done: int, total: int) -> None:
+        if stack == "b-bad":
+            with bad.open("ab") as f:
+                f.write(b"more")
+
+    report = env.registry.warm(progress=rewrite_bad)
+    assert report.hashed == ("a-good", "c-good")
+    assert list(report.failed) == ["b-bad"]
+    assert report.failed["b-bad"].startswith(f"TemplateChanged: template {bad} changed while being read")
+    assert report.bytes_hashed == len(b"good") + len(b"also good")
+    again = env.registry.warm()
+    assert again.hashed == ("b-bad",) and again.already_warm == ("a-good", "c-good") and again.failed == {}
+    assert again.bytes_hashed == bad.stat().st_size
+
+
+def test_warm_up_skips_what_is_not_a_stack(env: Env) -> None:
+    """Directories without a template, FIFOs and templates leading outside are neither hashed nor failures."""
+    env.template("base", b"x")
+    (env.template_dir / "empty").mkdir()
+    (env.template_dir / "pipe").mkdir()
+    os.mkfifo(env.template_dir / "pipe" / "rootfs.ext4")
+    report = env.registry.warm()
+    assert report.hashed == ("base",) and report.failed == {} and not report.busy
+    assert report.seconds >= 0
+
+
+def test_warm_up_on_a_missing_template_dir_is_empty(tmp_path: Path) -> None:
+    """A host with no template dir warms nothing and reports no failure."""
+    report = RootfsRegistry(RootfsConfig(tmp_path / "none", tmp_path / "clones")).warm()
+    assert (report.hashed, report.already_warm, report.failed, report.busy) == ((), (), {}, False)
+
+
+def test_progress_reports_the_stack_being_hashed(env: Env) -> None:
+    """stacks() and clone_for_vm() report (stack, done, total) while a cold template hashes, nothing when warm."""
+    env.template("base", b"x" * 1000)
+    seen: list[tuple[str, int, int]] = []
+    env.registry.clone_for_vm("vm-1", "base", progress=lambda *a: seen.append(a))
+    assert seen == [("base", 1000, 1000)]
+    seen.clear()
+    env.registry.stacks(progress=lambda *a: seen.append(a))
+    env.registry.stack("base", progress=lambda *a: seen.append(a))
+    assert seen == []
