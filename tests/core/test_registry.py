@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
 import multiprocessing
 import os
 import stat
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -690,3 +694,162 @@ def test_progress_reports_the_stack_being_hashed(env: Env) -> None:
     env.registry.stacks(progress=lambda *a: seen.append(a))
     env.registry.stack("base", progress=lambda *a: seen.append(a))
     assert seen == []
+
+
+@contextlib.contextmanager
+def immutable(path: Path) -> Iterator[None]:
+    """chattr +i: even root can then create, rename or remove nothing in it: a real refusal from the filesystem."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_clone_dir_that_cannot_be_created_is_reported_and_nothing_is_made(env: Env) -> None:
+    """A clones dir that refuses a new VM directory gives FilesystemError("create clone dir") naming it."""
+    env.template("base", b"x")
+    env.registry.clone_for_vm("vm-0", "base")
+    with immutable(env.clones_dir), pytest.raises(FilesystemError) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert (info.value.op, info.value.path, info.value.errno) == (
+        "create clone dir",
+        str(env.clones_dir / "vm-1"),
+        errno.EPERM,
+    )
+    assert not (env.clones_dir / "vm-1").exists()
+    assert env.registry.clone_for_vm("vm-1", "base").path.read_bytes() == b"x"
+
+
+def test_clone_file_that_cannot_be_created_is_reported(env: Env) -> None:
+    """A VM directory that refuses the partial clone gives FilesystemError("create clone") naming the partial."""
+    env.template("base", b"x")
+    vm_dir = env.clones_dir / "vm-1"
+    vm_dir.mkdir(parents=True)
+    (vm_dir / ".vm-id").write_text("vm-1")
+    with immutable(vm_dir), pytest.raises(FilesystemError) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert (info.value.op, info.value.path) == ("create clone", str(vm_dir / "rootfs.ext4.partial"))
+    assert sorted(p.name for p in vm_dir.iterdir()) == [".vm-id"]
+
+
+def test_release_that_cannot_move_the_clone_is_reported_and_keeps_it(env: Env) -> None:
+    """A clones dir that refuses the move to the trash gives FilesystemError("remove clone dir"); the clone stays."""
+    env.template("base", b"x")
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    with immutable(env.clones_dir), pytest.raises(FilesystemError) as info:
+        env.registry.release("vm-1")
+    assert (info.value.op, info.value.path, info.value.errno) == (
+        "remove clone dir",
+        str(env.clones_dir / "vm-1"),
+        errno.EPERM,
+    )
+    assert rootfs.path.read_bytes() == b"x"
+    assert env.registry.release("vm-1") is True
+
+
+@pytest.mark.parametrize("step", ["flush", "rename"])
+def test_a_failing_final_step_is_reported_and_leaves_no_clone(
+    env: Env, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """fsync or the final rename failing (EIO) is a transient FilesystemError naming the step and the partial
+    clone; neither a clone nor a stamp is left, and the next attempt succeeds."""
+    env.template("base", b"x" * 4096)
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode) and os.fstat(fd).st_size == 4096:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    def rename(src: Any, dst: Any, **kw: Any) -> None:
+        if src == "rootfs.ext4.partial":
+            raise OSError(errno.EIO, "Input/output error")
+        real_rename(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync" if step == "flush" else "rename", fsync if step == "flush" else rename)
+    with pytest.raises(FilesystemError) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    vm_dir = env.clones_dir / "vm-1"
+    assert (info.value.op, info.value.path, info.value.errno) == (
+        f"{step} clone",
+        str(vm_dir / "rootfs.ext4.partial"),
+        errno.EIO,
+    )
+    assert info.value.transient
+    assert not vm_dir.exists()
+    monkeypatch.undo()
+    assert env.registry.clone_for_vm("vm-1", "base").path.read_bytes() == b"x" * 4096
+
+
+@pytest.mark.parametrize("cleanup_failure", ["foreign file", "immutable owner record"])
+def test_the_original_error_wins_when_cleanup_also_fails(
+    env: Env, monkeypatch: pytest.MonkeyPatch, cleanup_failure: str
+) -> None:
+    """A failed copy is reported as itself even when its cleanup cannot finish; no clone is left either way."""
+    env.template("base", b"x" * 4096)
+    vm_dir = env.clones_dir / "vm-1"
+    vm_dir.mkdir(parents=True)
+    (vm_dir / ".vm-id").write_text("vm-1")
+
+    def disk_full(src: int, dst: int, **kw: Any) -> cloning.CloneMethod:
+        raise FilesystemError.from_os(OSError(errno.ENOSPC, "No space left on device"), op="copy", path="d")
+
+    monkeypatch.setattr(cloning, "clone_fd", disk_full)
+    if cleanup_failure == "foreign file":
+        (vm_dir / "console.log").write_text("left by someone else")  # the directory cannot be removed
+        with pytest.raises(FilesystemError) as info:
+            env.registry.clone_for_vm("vm-1", "base")
+    else:
+        with immutable(vm_dir / ".vm-id"), pytest.raises(FilesystemError) as info:
+            env.registry.clone_for_vm("vm-1", "base")
+    assert info.value.errno == errno.ENOSPC
+    assert not (vm_dir / "rootfs.ext4").exists() and not (vm_dir / "rootfs.ext4.partial").exists()
+
+
+def test_release_also_empties_what_crashed_releases_left_in_the_trash(env: Env) -> None:
+    """Clones a crashed release left in .trash are deleted by the next release."""
+    env.template("base", b"x")
+    env.registry.clone_for_vm("vm-1", "base")
+    leftover = env.clones_dir / ".trash" / "vm-0.0123abcd"
+    (leftover / "sub").mkdir(parents=True)
+    (leftover / "sub" / "rootfs.ext4").write_bytes(b"old")
+    assert env.registry.release("vm-1") is True
+    assert list((env.clones_dir / ".trash").iterdir()) == []
+
+
+def test_release_refused_for_another_vm_id_names_both(env: Env) -> None:
+    """Releasing vm:1 where vm/1 owns vm_1 is a VmIdConflict with the caller's id, the directory and the owner."""
+    env.template("base", b"x")
+    env.registry.clone_for_vm("vm/1", "base")
+    with pytest.raises(VmIdConflict) as info:
+        env.registry.release("vm:1")
+    assert (info.value.vm_id, info.value.safe_id, info.value.owner) == ("vm:1", "vm_1", "vm/1")
+    assert str(info.value) == "vm id 'vm:1' maps to clone directory 'vm_1', which belongs to vm id 'vm/1'"
+
+
+def test_cold_stacks_report_hash_progress(env: Env) -> None:
+    """Listing stacks whose hashes are cold reports each one's hashing, once; listing again reports nothing."""
+    env.template("a", b"a" * 10)
+    env.template("b", b"b" * 20)
+    seen: list[tuple[str, int, int]] = []
+    env.registry.stacks(progress=lambda *a: seen.append(a))
+    assert seen == [("a", 10, 10), ("b", 20, 20)]
+    seen.clear()
+    env.registry.stacks(progress=lambda *a: seen.append(a))
+    assert seen == []
+
+
+def test_replacing_a_bad_clone_is_logged(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """Removing an interrupted or shared clone leaves a warning naming the VM directory; a clone logs its method."""
+    env.template("base", b"complete")
+    vm_dir = env.clones_dir / "vm-1"
+    vm_dir.mkdir(parents=True)
+    (vm_dir / "rootfs.ext4").write_bytes(b"comp")
+    caplog.set_level(logging.INFO, logger="worker.core.registry")
+    env.registry.clone_for_vm("vm-1", "base")
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"removing incomplete or shared clone in {vm_dir}" in messages
+    template = env.template_dir / "base" / "rootfs.ext4"
+    assert f"cloned {template} to {vm_dir / 'rootfs.ext4'} by sparse-copy" in messages
