@@ -522,9 +522,17 @@ def test_symlink_in_place_of_a_vm_dir_is_not_followed(env: Env) -> None:
     target.mkdir()
     env.clones_dir.mkdir()
     (env.clones_dir / "vm-1").symlink_to(target)
-    with pytest.raises(FilesystemError):
+    with pytest.raises(FilesystemError) as info:
         env.registry.clone_for_vm("vm-1", "base")
+    assert (info.value.op, info.value.path, info.value.errno) == (
+        "open clone dir",
+        str(env.clones_dir / "vm-1"),
+        errno.ENOTDIR,  # O_DIRECTORY | O_NOFOLLOW on a symlink
+    )
+    with pytest.raises(FilesystemError):
+        env.registry.release("vm-1")
     assert list(target.iterdir()) == []
+    assert (env.clones_dir / "vm-1").is_symlink()
 
 
 def test_error_round_trips_through_its_args() -> None:
@@ -853,3 +861,28 @@ def test_replacing_a_bad_clone_is_logged(env: Env, caplog: pytest.LogCaptureFixt
     assert f"removing incomplete or shared clone in {vm_dir}" in messages
     template = env.template_dir / "base" / "rootfs.ext4"
     assert f"cloned {template} to {vm_dir / 'rootfs.ext4'} by sparse-copy" in messages
+
+
+@pytest.mark.parametrize("nth", [1, 2])
+def test_a_clone_that_cannot_be_examined_is_reported(env: Env, monkeypatch: pytest.MonkeyPatch, nth: int) -> None:
+    """Checking an existing clone failing (EIO), before or after the leftovers are cleared, is FilesystemError
+    ("stat clone") naming it, and the clone is left alone."""
+    env.template("base", b"x")
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    real_stat = os.stat
+    calls = 0
+
+    def stat_(path: Any, *args: Any, **kw: Any) -> os.stat_result:
+        nonlocal calls
+        if path == "rootfs.ext4" and kw.get("dir_fd") is not None:
+            calls += 1
+            if calls == nth:
+                raise OSError(errno.EIO, "Input/output error")
+        return real_stat(path, *args, **kw)
+
+    monkeypatch.setattr(os, "stat", stat_)
+    with pytest.raises(FilesystemError) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert (info.value.op, info.value.path, info.value.errno) == ("stat clone", str(rootfs.path), errno.EIO)
+    monkeypatch.undo()
+    assert rootfs.path.read_bytes() == b"x"
