@@ -179,11 +179,19 @@ def _waiters(lock_file: Path) -> int:
 def test_unusable_cache_dir_still_gives_hashes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Where the cache cannot be written (a file in the way) hashes are still computed and served, with a warning."""
     (tmp_path / "clones").write_text("not a directory")
-    cache = HashCache(tmp_path / "clones" / "hashes")
+    directory = tmp_path / "clones" / "hashes"
+    cache = HashCache(directory)
+    assert cache.directory == directory
     assert cache.get(KEY) is None
     assert cache.get_or_compute(KEY, lambda: DIGEST) == (DIGEST, True)
-    assert "not usable" in caplog.text
+    lock = directory / "locks" / f"{KEY.dev}-{KEY.ino}.lock"
+    assert caplog.messages == [
+        f"hash cache {directory} not usable (lock {lock}: Not a directory (ENOTDIR)); hashing without it"
+    ]
+    caplog.clear()
     cache.put(KEY, OTHER)  # cannot persist: a warning, not an error, and memory still answers
-    assert "could not persist" in caplog.text
+    assert caplog.messages == [
+        f"could not persist hash cache entry {KEY.entry_name}: [Errno 20] Not a directory: '{directory}'"
+    ]
     assert cache.get(KEY) == OTHER
-    assert HashCache(tmp_path / "clones" / "hashes").get(KEY) is None
+    assert HashCache(directory).get(KEY) is None
