@@ -313,6 +313,7 @@ def _clone_in_child(template_dir: str, clones_dir: str) -> None:
     RootfsRegistry(RootfsConfig(Path(template_dir), Path(clones_dir))).clone_for_vm("vm-1", "big")
 
 
+@pytest.mark.slow  # starts worker processes (the project's rule for the fast tier)
 def test_clone_killed_mid_copy_leaves_no_complete_looking_file(env: Env) -> None:
     """kill -9 during the copy leaves no rootfs.ext4; the next call cleans up and completes."""
     block = os.urandom(MIB)
@@ -350,6 +351,7 @@ def _clone_and_report(args: tuple[str, str, str]) -> tuple[str, str, int]:
     return str(r.path), r.source_sha256, r.path.stat().st_ino
 
 
+@pytest.mark.slow  # starts worker processes (the project's rule for the fast tier)
 def test_duplicate_concurrent_clones_converge_to_one(env: Env) -> None:
     """Ten processes cloning one VM at once get one clone and ten identical answers."""
     env.sparse_template("base", size=256 * MIB, data_mib=32)
@@ -368,6 +370,7 @@ def _hash_and_report(args: tuple[str, str]) -> bool:
     return bool(hashed)
 
 
+@pytest.mark.slow  # starts worker processes (the project's rule for the fast tier)
 def test_concurrent_cold_hashes_read_the_template_once(env: Env) -> None:
     """Four processes asking for one cold template's hash at once make one of them hash it."""
     env.sparse_template("base", size=512 * MIB, data_mib=16)
@@ -566,6 +569,7 @@ def _release(args: tuple[str, str, str]) -> bool:
     return RootfsRegistry(RootfsConfig(Path(template_dir), Path(clones_dir))).release(vm_id)
 
 
+@pytest.mark.slow  # starts worker processes (the project's rule for the fast tier)
 def test_concurrent_releases_delete_everything(env: Env) -> None:
     """Twenty VMs released by eight processes at once: every clone is gone and the trash is empty."""
     env.sparse_template("base", size=64 * MIB, data_mib=4)
