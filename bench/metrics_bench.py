@@ -9,6 +9,7 @@ fresh interpreter because prometheus_client picks its multiprocess value class w
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import uuid
@@ -99,7 +100,7 @@ def child_overhead(reps_text: str) -> dict[str, Any]:
             with mock.patch.object(metrics, "for_this_process", return_value=chosen):
                 start = time.perf_counter()
                 rootfs = jobs.observe(
-                    lambda vm_id=vm_id: registry.clone_for_vm(vm_id, STACK),
+                    functools.partial(registry.clone_for_vm, vm_id, STACK),
                     task="rootfs.clone_for_vm",
                     host="bench",
                     task_id=str(uuid.uuid4()),
