@@ -57,7 +57,8 @@ class VmRootfs:
     stack: str
     path: Path
     source_sha256: str
-    method: CloneOrigin = "existing"
+    #: How this call found or made the clone: not part of the clone's identity (`==` ignores it).
+    method: CloneOrigin = field(default="existing", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
