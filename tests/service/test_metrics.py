@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -19,7 +21,7 @@ from worker import RootfsConfig, RootfsRegistry, StackNotFound
 from worker.client import RootfsClient
 from worker.dev.processes import free_port
 from worker.service.jobs import FIELDS, logfmt
-from worker.service.metrics import HostCollector, JobMetrics
+from worker.service.metrics import HostCollector, JobMetrics, sweep_dead
 from worker.service.settings import Settings
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -198,3 +200,15 @@ def test_host_collector_counts_clones_and_warm_templates(tmp_path: Path) -> None
     assert got["rootfs_worker_live"] == 0 and got["rootfs_worker_ready"] == 0
     registry.warm()
     assert {f.name: f.samples[0].value for f in collector.collect()}["rootfs_templates_warm"] == 2
+
+
+def test_scrape_drops_live_gauges_of_dead_pool_processes(tmp_path: Path) -> None:
+    """A pool process killed without saying goodbye leaves a live-gauge file; the scrape removes it,
+    and keeps a live process's file and every counter file."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = [f"gauge_livesum_{dead.pid}.db", f"gauge_livesum_{os.getpid()}.db", f"counter_{dead.pid}.db"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    sweep_dead(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])

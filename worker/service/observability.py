@@ -66,8 +66,14 @@ class Observability(bootsteps.StartStopStep):
         _Main.writer.start()
         if s.metrics_port is not None:
             multiproc = metrics.multiproc_dir(s.run_dir)
-            _Main.server = metrics.MetricsServer(s, path, multiproc).start()
-            log.info("metrics on port %d (/metrics)", s.metrics_port)
+            try:
+                _Main.server = metrics.MetricsServer(s, path, multiproc).start()
+            except OSError as exc:
+                # Clones matter more than their metrics: serve jobs anyway; the scrape target being down
+                # (Prometheus' `up == 0`) is what tells the operator.
+                log.error("metrics server on port %d not started: %s", s.metrics_port, exc)
+            else:
+                log.info("metrics on port %d (/metrics)", s.metrics_port)
 
     def stop(self, worker: Any) -> None:
         if _Main.server is not None:
