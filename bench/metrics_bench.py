@@ -29,7 +29,7 @@ TARGET = Target("<=", 1.03)
 
 def run_section(ctx: Context) -> Section:
     section = Section("Metrics overhead")
-    reps = ctx.reps(full=201, quick=21)
+    reps = ctx.reps(full=401, quick=21)
     ext4 = _measure(ctx, ctx.workdir / "ext4", reps)
     section.rows.append(_row(ext4, "copy (no reflink) on the work dir's filesystem"))
     section.notes.append(_note(ext4, "copy"))

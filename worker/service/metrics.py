@@ -73,6 +73,7 @@ class JobMetrics:
 
         reg = REGISTRY if registry is None else registry
         self.host = host
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.clone_seconds = Histogram(
             "rootfs_clone_duration_seconds",
             "Time of one clone_for_vm attempt, by how the clone came to be and how the attempt ended",
@@ -123,9 +124,17 @@ class JobMetrics:
             registry=reg,
         )
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """The labelled series, bound once per process: `labels()` costs as much as the write itself."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(self.host, *labels)
+        return child
+
     @contextlib.contextmanager
     def running(self, task: str) -> Iterator[None]:
-        gauge = self.in_progress.labels(self.host, task)
+        gauge = self._child(self.in_progress, task)
         gauge.inc()
         try:
             yield
@@ -133,27 +142,27 @@ class JobMetrics:
             gauge.dec()
 
     def clone(self, seconds: float, *, method: str, outcome: str) -> None:
-        self.clone_seconds.labels(self.host, method, outcome).observe(seconds)
+        self._child(self.clone_seconds, method, outcome).observe(seconds)
 
     def release(self, seconds: float, *, outcome: str) -> None:
-        self.release_seconds.labels(self.host, outcome).observe(seconds)
+        self._child(self.release_seconds, outcome).observe(seconds)
 
     def hashing(self, work: HashWork) -> None:
         if work.hits:
-            self.cache_hits.labels(self.host).inc(work.hits)
+            self._child(self.cache_hits).inc(work.hits)
         if work.misses:
-            self.cache_misses.labels(self.host).inc(work.misses)
-            self.hashed_bytes.labels(self.host).inc(work.bytes)
-            self.hashing_seconds.labels(self.host).inc(work.seconds)
+            self._child(self.cache_misses).inc(work.misses)
+            self._child(self.hashed_bytes).inc(work.bytes)
+            self._child(self.hashing_seconds).inc(work.seconds)
 
     def error(self, task: str, error_type: str, *, transient: bool) -> None:
-        self.errors.labels(self.host, task, error_type, "true" if transient else "false").inc()
+        self._child(self.errors, task, error_type, "true" if transient else "false").inc()
 
     def retry(self, task: str) -> None:
-        self.retries.labels(self.host, task).inc()
+        self._child(self.retries, task).inc()
 
     def warm_succeeded(self, when: float) -> None:
-        self.last_warm.labels(self.host).set(when)
+        self._child(self.last_warm).set(when)
 
 
 @functools.cache
