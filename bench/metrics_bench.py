@@ -86,8 +86,8 @@ def _note(r: dict[str, Any], method: str) -> str:
         f"Metrics overhead ({method}, methods seen: {', '.join(r['methods'])}): {len(r['on'])} attempts per side "
         f"after one untimed round, on and off alternating which goes first, each clone released untimed; "
         f"template {TEMPLATE_SIZE // MIB} MiB sparse with {TEMPLATE_DATA // MIB} MiB of data, hash warm. "
-        f"Recording a clone job's metrics alone (in-progress gauge up and down, the duration histogram, the "
-        f"hash-cache counter, two reads of the registry's hash work) costs {r['record_us']:.1f} µs "
+        f"Recording a clone job's metrics alone (the duration histogram, the hash-cache counter, two reads "
+        f"of the registry's hash work) costs {r['record_us']:.1f} µs "
         f"(mean of {r['record_n']}). Medians: on {ms(median(r['on']))}, off {ms(median(r['off']))} (ratio of "
         f"medians {median(r['on']) / median(r['off']):.3f}; the table's ratio is paired by round). The metric "
         "files are on the work dir's filesystem, as the worker's default ROOTFS_RUN_DIR under /tmp is."
@@ -129,8 +129,6 @@ def child_overhead(reps_text: str) -> dict[str, Any]:
     start = time.perf_counter()
     for _ in range(n):
         before = registry.hash_work
-        with recorder.running("clone_for_vm"):
-            pass
         recorder.clone(0.001, method="copy", outcome="ok")
         recorder.hashing(registry.hash_work - before + HashWork(hits=1))
     record_us = (time.perf_counter() - start) / n * 1e6

@@ -212,3 +212,17 @@ def test_scrape_drops_live_gauges_of_dead_pool_processes(tmp_path: Path) -> None
         (tmp_path / name).write_bytes(b"")
     sweep_dead(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+
+
+def test_jobs_in_progress_come_from_the_main_process_state(tmp_path: Path) -> None:
+    """Running jobs are counted by task at scrape time (zero for tasks with none), not written by each job."""
+    env = {
+        "ROOTFS_HOST": "h1",
+        "MICROVM_ROOTFS_TEMPLATE_DIR": str(tmp_path),
+        "MICROVM_ROOTFS_CLONES_DIR": str(tmp_path),
+    }
+    running = ["rootfs.clone_for_vm", "rootfs.clone_for_vm", "rootfs.warm_hashes"]
+    collector = HostCollector(Settings.from_env(env), tmp_path / "health.json", active=lambda: running)
+    (family,) = [f for f in collector.collect() if f.name == "rootfs_jobs_in_progress"]
+    got = {s.labels["task"]: s.value for s in family.samples}
+    assert (got["clone_for_vm"], got["warm_hashes"], got["release_vm"]) == (2, 1, 0)

@@ -75,11 +75,7 @@ def observe(
     hashed_before = runtime.registry().hash_work if recorder is not None else HashWork()
     started = time.perf_counter()
     try:
-        if recorder is None:
-            value = call()
-        else:
-            with recorder.running(name):
-                value = call()
+        value = call()
     except BaseException as exc:
         seconds = time.perf_counter() - started
         retrying = isinstance(exc, Retry)

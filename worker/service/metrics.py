@@ -2,9 +2,9 @@
 
 Pool processes count what their jobs did (durations, hash work, errors, retries) in prometheus_client's
 multiprocess mode: each process writes its own memory-mapped files in one directory, and the main process's
-HTTP server sums them at scrape time. Gauges about the host (clones, free space, templates, probes) are read
-at scrape time instead, in the main process: a stat per clone and a statvfs, never a hash and never a lock
-a clone could wait on.
+HTTP server sums them at scrape time. Gauges (jobs running, clones, free space, templates, probes) are read
+at scrape time instead, in the main process: Celery's own record of running jobs, a stat per clone and a
+statvfs, never a hash and never a lock a clone could wait on. A clone job pays three writes to memory.
 
 prometheus_client picks its value class when it is first imported, from PROMETHEUS_MULTIPROC_DIR. The worker
 sets that variable in its main process before the pool forks (`prepare_multiproc_dir`), and this module
@@ -21,7 +21,7 @@ import functools
 import glob
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +62,12 @@ DURATION_BUCKETS = (
 )
 
 METRICS_SUBDIR = "metrics"
+
+#: The jobs `rootfs_jobs_in_progress` reports (each with 0 when none runs, so the series never vanish).
+JOB_TASKS = ("clone_for_vm", "release_vm", "scan_stacks", "warm_hashes", "fanout_warm", "ping")
+
+#: Running jobs by task name, read in the main process at scrape time (worker.service.observability).
+ActiveJobs = Callable[[], Iterable[str]]
 _LIVE_FILE = re.compile(r"gauge_live\w*_(\d+)\.db")
 
 
@@ -86,13 +92,6 @@ class JobMetrics:
             "Time of one release_vm attempt",
             ["host", "outcome"],
             buckets=DURATION_BUCKETS,
-            registry=reg,
-        )
-        self.in_progress = Gauge(
-            "rootfs_jobs_in_progress",
-            "Jobs running now, by task",
-            ["host", "task"],
-            multiprocess_mode="livesum",
             registry=reg,
         )
         self.hashed_bytes = Counter(
@@ -131,15 +130,6 @@ class JobMetrics:
         if child is None:
             child = self._children[key] = metric.labels(self.host, *labels)
         return child
-
-    @contextlib.contextmanager
-    def running(self, task: str) -> Iterator[None]:
-        gauge = self._child(self.in_progress, task)
-        gauge.inc()
-        try:
-            yield
-        finally:
-            gauge.dec()
 
     def clone(self, seconds: float, *, method: str, outcome: str) -> None:
         self._child(self.clone_seconds, method, outcome).observe(seconds)
@@ -225,10 +215,17 @@ def sweep_dead(path: Path) -> None:
 class HostCollector:
     """Gauges read at scrape time from the filesystem and the heartbeat file: cheap, lock-free, no hashing."""
 
-    def __init__(self, settings: Settings, health_path: Path, multiproc: Path | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        health_path: Path,
+        multiproc: Path | None = None,
+        active: ActiveJobs | None = None,
+    ) -> None:
         self._s = settings
         self._health = health_path
         self._multiproc = multiproc
+        self._active = active
         self._cache = HashCache(settings.clones_dir / CACHE_DIR / "hashes")
 
     def collect(self) -> Iterable[Metric]:
@@ -243,6 +240,16 @@ class HostCollector:
             family.add_metric([host], value)
             return family
 
+        if self._active is not None:
+            # From the main process's own record of what its pool runs: no write on the job's path.
+            running = GaugeMetricFamily("rootfs_jobs_in_progress", "Jobs running now, by task", labels=["host", "task"])
+            counts = dict.fromkeys(JOB_TASKS, 0)
+            for name in self._active():
+                short = name.rpartition(".")[2]
+                counts[short] = counts.get(short, 0) + 1
+            for task, n in counts.items():
+                running.add_metric([host, task], n)
+            yield running
         clones, allocated = _clones(self._s.clones_dir)
         yield gauge("rootfs_clones", "VM clone directories on this host", clones)
         yield gauge("rootfs_clones_allocated_bytes", "Bytes allocated on disk by the clones' images", allocated)
@@ -309,7 +316,9 @@ def _clones(clones_dir: Path) -> tuple[int, int]:
     return count, allocated
 
 
-def scrape_registry(settings: Settings, health_path: Path, multiproc: Path | None) -> CollectorRegistry:
+def scrape_registry(
+    settings: Settings, health_path: Path, multiproc: Path | None, active: ActiveJobs | None = None
+) -> CollectorRegistry:
     """What the HTTP server exposes: the pool processes' files summed, plus the host's gauges."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
@@ -317,15 +326,17 @@ def scrape_registry(settings: Settings, health_path: Path, multiproc: Path | Non
     registry = CollectorRegistry()
     if multiproc is not None:
         MultiProcessCollector(registry, path=str(multiproc))  # type: ignore[no-untyped-call]
-    registry.register(HostCollector(settings, health_path, multiproc))
+    registry.register(HostCollector(settings, health_path, multiproc, active))
     return registry
 
 
 class MetricsServer:
     """The HTTP server of the main process, on ROOTFS_METRICS_PORT."""
 
-    def __init__(self, settings: Settings, health_path: Path, multiproc: Path | None) -> None:
-        self._registry = scrape_registry(settings, health_path, multiproc)
+    def __init__(
+        self, settings: Settings, health_path: Path, multiproc: Path | None, active: ActiveJobs | None = None
+    ) -> None:
+        self._registry = scrape_registry(settings, health_path, multiproc, active)
         self._port = settings.metrics_port
         self._server: Any = None
 

@@ -67,7 +67,7 @@ class Observability(bootsteps.StartStopStep):
         if s.metrics_port is not None:
             multiproc = metrics.multiproc_dir(s.run_dir)
             try:
-                _Main.server = metrics.MetricsServer(s, path, multiproc).start()
+                _Main.server = metrics.MetricsServer(s, path, multiproc, _running_jobs).start()
             except OSError as exc:
                 # Clones matter more than their metrics: serve jobs anyway; the scrape target being down
                 # (Prometheus' `up == 0`) is what tells the operator.
@@ -84,6 +84,13 @@ class Observability(bootsteps.StartStopStep):
             _Main.writer = None
 
     shutdown = stop
+
+
+def _running_jobs() -> list[str]:
+    """Task names of the jobs the pool runs now, from the main process's own state (no write per job)."""
+    from celery.worker import state
+
+    return [req.name for req in tuple(state.active_requests)]  # tuple(): one step under the GIL
 
 
 class Readiness(bootsteps.StartStopStep):
