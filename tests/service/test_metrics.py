@@ -15,10 +15,12 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import MIB
+from tests.helpers import MIB, wait_until
 from tests.workers import StartHost
 from worker import RootfsConfig, RootfsRegistry, StackNotFound
 from worker.client import RootfsClient
+from worker.core import locks
+from worker.core.layout import LOCKS_DIR
 from worker.dev.processes import free_port
 from worker.service.jobs import FIELDS, logfmt
 from worker.service.metrics import HostCollector, JobMetrics, sweep_dead
@@ -122,6 +124,23 @@ def test_counters_equal_what_was_done_across_pool_processes(
     assert value(m, "rootfs_worker_live", **h) == 1 and value(m, "rootfs_worker_ready", **h) == 1
     processes = set(re.findall(r"/(ForkPoolWorker-\d+)\] job ", a.worker.log()))
     assert len(processes) >= 2, f"the jobs ran in {processes} only: nothing was summed across processes"
+
+
+@pytest.mark.slow
+def test_jobs_in_progress_shows_a_running_clone(start_host: StartHost, client: RootfsClient, tmp_path: Path) -> None:
+    """A clone held on its VM's lock shows as one clone_for_vm in progress; once done, none."""
+    port = free_port()
+    a = start_host("a", env={"ROOTFS_METRICS_PORT": str(port), "ROOTFS_RUN_DIR": str(tmp_path / "run")})
+    a.template("base", b"x" * 4096)
+    with locks.exclusive(a.clones_dir / LOCKS_DIR / "vm-1.lock"):  # the registry's own per-VM lock
+        handle = client.clone(host="a", vm_id="vm-1", stack="base")
+        wait_until(
+            lambda: value(scrape(port), "rootfs_jobs_in_progress", task="clone_for_vm") == 1,
+            timeout=30,
+            what="the held clone to show as in progress",
+        )
+    assert handle.result(timeout=60)["method"] == "copy"
+    assert value(scrape(port), "rootfs_jobs_in_progress", host="a") == 0
 
 
 @pytest.mark.slow
