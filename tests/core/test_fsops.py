@@ -152,3 +152,19 @@ def test_an_entry_whose_type_cannot_be_read_is_not_a_directory(tmp_path: Path) -
     (real,) = os.scandir(tmp_path)
     assert fsops.is_dir(real) is True
     assert fsops.is_dir(_Unreadable()) is False  # type: ignore[arg-type]
+
+
+def test_a_directory_that_cannot_be_removed_whole_is_not_an_error(vm_dir: tuple[Path, int]) -> None:
+    """A directory left where a file belongs is removed as far as it can be; what resists stays, without error."""
+    path, fd = vm_dir
+    (path / "rootfs.ext4.partial").mkdir()
+    stuck = path / "rootfs.ext4.partial" / "stuck"
+    stuck.write_text("x")
+    (path / "rootfs.ext4.partial" / "loose").write_text("x")
+    if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        fsops.unlink(fd, "rootfs.ext4.partial", path)
+        assert sorted(p.name for p in (path / "rootfs.ext4.partial").iterdir()) == ["stuck"]
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)

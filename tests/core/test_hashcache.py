@@ -6,12 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import wait_until
+from worker.core import locks
 from worker.core.hashcache import FileKey, HashCache
 
 KEY = FileKey(dev=2049, ino=1234, size=4096, mtime_ns=1_700_000_000_000_000_001, ctime_ns=1_700_000_000_000_000_002)
@@ -195,3 +197,33 @@ def test_unusable_cache_dir_still_gives_hashes(tmp_path: Path, caplog: pytest.Lo
     ]
     assert cache.get(KEY) == OTHER
     assert HashCache(directory).get(KEY) is None
+
+
+def test_a_hit_takes_no_lock(tmp_path: Path) -> None:
+    """A cached hash is served at once even while another caller holds that file's lock (to hash a new state)."""
+    directory = tmp_path / "hashes"
+    HashCache(directory).put(KEY, DIGEST)
+    answer: list[tuple[str, bool]] = []
+    with locks.exclusive(directory / "locks" / f"{KEY.dev}-{KEY.ino}.lock"):
+        reader = threading.Thread(target=lambda: answer.append(HashCache(directory).get_or_compute(KEY, lambda: OTHER)))
+        reader.start()
+        wait_until(lambda: bool(answer), what="the cached answer while the lock is held", timeout=20)
+    reader.join(30)
+    assert answer == [(DIGEST, False)]
+
+
+def test_an_old_entry_that_cannot_be_pruned_does_not_fail_the_new_one(tmp_path: Path) -> None:
+    """Pruning is best effort: an old entry that resists removal stays, and the new entry is stored and served."""
+    directory = tmp_path / "hashes"
+    cache = HashCache(directory)
+    cache.put(KEY, DIGEST)
+    (old,) = entries(directory)
+    if subprocess.run(["chattr", "+i", str(old)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        grown = dataclasses.replace(KEY, size=KEY.size + 1)
+        cache.put(grown, OTHER)
+        assert HashCache(directory).get(grown) == OTHER
+        assert old.exists()
+    finally:
+        subprocess.run(["chattr", "-i", str(old)], check=True)

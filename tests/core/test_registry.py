@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -706,14 +707,17 @@ def test_warm_up_reports_a_failing_stack_and_hashes_the_others(env: Env) -> None
 
 
 def test_warm_up_skips_what_is_not_a_stack(env: Env) -> None:
-    """Directories without a template, FIFOs and templates leading outside are neither hashed nor failures."""
-    env.template("base", b"x")
-    (env.template_dir / "empty").mkdir()
-    (env.template_dir / "pipe").mkdir()
-    os.mkfifo(env.template_dir / "pipe" / "rootfs.ext4")
+    """Directories without a template and FIFOs are neither hashed nor failures, and the stacks after them are
+    still warmed; the report's time is the warm-up's own."""
+    (env.template_dir / "a-empty").mkdir()
+    (env.template_dir / "b-pipe").mkdir()
+    os.mkfifo(env.template_dir / "b-pipe" / "rootfs.ext4")
+    env.template("c-base", b"x")
+    started = time.monotonic()
     report = env.registry.warm()
-    assert report.hashed == ("base",) and report.failed == {} and not report.busy
-    assert report.seconds >= 0
+    elapsed = time.monotonic() - started
+    assert report.hashed == ("c-base",) and report.failed == {} and not report.busy
+    assert 0 <= report.seconds <= elapsed
 
 
 def test_warm_up_on_a_missing_template_dir_is_empty(tmp_path: Path) -> None:
@@ -916,3 +920,40 @@ def test_a_clone_that_cannot_be_examined_is_reported(env: Env, monkeypatch: pyte
     assert (info.value.op, info.value.path, info.value.errno) == ("stat clone", str(rootfs.path), errno.EIO)
     monkeypatch.undo()
     assert rootfs.path.read_bytes() == b"x"
+
+
+def test_leftovers_beside_an_interrupted_clone_all_go(env: Env) -> None:
+    """An interrupted clone (no stamp) with stray partials, one of them a directory: all removed, one clean clone."""
+    env.template("base", b"complete")
+    vm_dir = env.clones_dir / "vm-1"
+    vm_dir.mkdir(parents=True)
+    (vm_dir / "rootfs.ext4").write_bytes(b"comp")
+    (vm_dir / ".vm-id.partial").write_text("vm-1")
+    (vm_dir / "rootfs.ext4.sha256.partial").mkdir()
+    (vm_dir / "rootfs.ext4.sha256.partial" / "junk").write_text("x")
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    assert rootfs.path.read_bytes() == b"complete"
+    assert sorted(p.name for p in vm_dir.iterdir()) == [".vm-id", "rootfs.ext4", "rootfs.ext4.sha256"]
+
+
+def test_a_stamp_that_cannot_be_read_is_reported(env: Env) -> None:
+    """A directory where a clone's stamp belongs is FilesystemError("read") naming it; the clone is left alone."""
+    env.template("base", b"x")
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    stamp = env.clones_dir / "vm-1" / "rootfs.ext4.sha256"
+    stamp.unlink()
+    stamp.mkdir()
+    with pytest.raises(FilesystemError) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert (info.value.op, info.value.path, info.value.errno) == ("read", str(stamp), errno.EISDIR)
+    assert rootfs.path.read_bytes() == b"x"
+
+
+def test_one_stack_reports_its_hash_progress(env: Env) -> None:
+    """stack() reports the hashing of a cold template, and nothing once it is warm."""
+    env.template("base", b"y" * 30)
+    seen: list[tuple[str, int, int]] = []
+    env.registry.stack("base", progress=lambda *a: seen.append(a))
+    assert seen == [("base", 30, 30)]
+    env.registry.stack("base", progress=lambda *a: seen.append(a))
+    assert seen == [("base", 30, 30)]
