@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Env
-from tests.helpers import MIB, sha256_of, tree, wait_until
+from tests.helpers import MIB, sha256_of, tmpfs_mount, tree, wait_until, write_template
 from worker import (
     FilesystemError,
     InvalidStackName,
@@ -957,3 +957,80 @@ def test_one_stack_reports_its_hash_progress(env: Env) -> None:
     assert seen == [("base", 30, 30)]
     env.registry.stack("base", progress=lambda *a: seen.append(a))
     assert seen == [("base", 30, 30)]
+
+
+def test_template_cut_short_while_copied_names_the_template(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A template truncated under the copy is TemplateChanged naming the template, and no clone is left."""
+    path = env.template("base", os.urandom(2 * MIB))
+    env.forget(path)
+    real = os.copy_file_range
+
+    def cut_then_copy(src: int, dst: int, count: int, offset_src: int, offset_dst: int) -> int:
+        os.truncate(path, 100)
+        return real(src, dst, count, offset_src, offset_dst)
+
+    assert env.registry.stack("base") is not None
+    monkeypatch.setattr(os, "copy_file_range", cut_then_copy)
+    with pytest.raises(TemplateChanged) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert info.value.path == str(path)
+    assert not (env.clones_dir / "vm-1").exists()
+
+
+def test_a_full_clones_filesystem_names_the_partial_clone(tmp_path: Path) -> None:
+    """Clones on a full filesystem (an 8 MiB tmpfs, a 16 MiB template) fail with a transient ENOSPC naming the
+    partial clone, and leave nothing behind."""
+    template_dir = tmp_path / "templates"
+    write_template(template_dir, "base", os.urandom(16 * MIB))
+    with tmpfs_mount(tmp_path, size_mib=8) as clones_dir:
+        registry = RootfsRegistry(RootfsConfig(template_dir, clones_dir))
+        with pytest.raises(FilesystemError) as info:
+            registry.clone_for_vm("vm-1", "base")
+        assert (info.value.path, info.value.errno) == (str(clones_dir / "vm-1" / "rootfs.ext4.partial"), errno.ENOSPC)
+        assert info.value.transient
+        assert not (clones_dir / "vm-1").exists()
+
+
+def test_a_failing_stamp_write_is_reported_and_cleanup_failures_do_not_hide_it(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stamp's rename failing (EIO) is FilesystemError("write") naming the stamp, even when removing the
+    leftovers fails too; no clone is left."""
+    env.template("base", b"x" * 4096)
+    real_rename, real_unlink = os.rename, os.unlink
+
+    def rename(src: Any, dst: Any, **kw: Any) -> None:
+        if src == "rootfs.ext4.sha256.partial":
+            raise OSError(errno.EIO, "Input/output error")
+        real_rename(src, dst, **kw)
+
+    def unlink(path: Any, **kw: Any) -> None:
+        if kw.get("dir_fd") is not None and str(path).startswith("rootfs.ext4"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_unlink(path, **kw)
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(FilesystemError) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    vm_dir = env.clones_dir / "vm-1"
+    assert (info.value.op, info.value.path, info.value.errno) == (
+        "write",
+        str(vm_dir / "rootfs.ext4.sha256"),
+        errno.EIO,
+    )
+    assert not (vm_dir / "rootfs.ext4").exists()
+
+
+def test_an_unreadable_owner_record_is_reported(env: Env) -> None:
+    """A directory where the owner record belongs is FilesystemError("read") naming it, for clone and release."""
+    env.template("base", b"x")
+    env.registry.clone_for_vm("vm-1", "base")
+    owner = env.clones_dir / "vm-1" / ".vm-id"
+    owner.unlink()
+    owner.mkdir()
+    for call in (lambda: env.registry.clone_for_vm("vm-1", "base"), lambda: env.registry.release("vm-1")):
+        with pytest.raises(FilesystemError) as info:
+            call()
+        assert (info.value.op, info.value.path, info.value.errno) == ("read", str(owner), errno.EISDIR)
+    assert (env.clones_dir / "vm-1" / "rootfs.ext4").read_bytes() == b"x"
