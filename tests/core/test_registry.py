@@ -1034,3 +1034,26 @@ def test_an_unreadable_owner_record_is_reported(env: Env) -> None:
             call()
         assert (info.value.op, info.value.path, info.value.errno) == ("read", str(owner), errno.EISDIR)
     assert (env.clones_dir / "vm-1" / "rootfs.ext4").read_bytes() == b"x"
+
+
+def test_vm_id_with_a_lone_surrogate_is_recorded_and_released(env: Env) -> None:
+    """A vm id JSON can carry but UTF-8 cannot encode ("vm-\\udc80") still owns, re-finds and releases its clone."""
+    env.template("base", b"x")
+    rootfs = env.registry.clone_for_vm("vm-\udc80", "base")
+    assert rootfs.vm_id == "vm-_"
+    assert (env.clones_dir / "vm-_" / ".vm-id").read_bytes() == "vm-\udc80".encode("utf-8", "surrogatepass")
+    assert env.registry.clone_for_vm("vm-\udc80", "base") == rootfs
+    with pytest.raises(VmIdConflict):
+        env.registry.clone_for_vm("vm-\udc81", "base")
+    assert env.registry.release("vm-\udc80") is True
+
+
+def test_an_owner_record_that_cannot_be_written_is_reported(env: Env) -> None:
+    """A VM directory that refuses the owner record is FilesystemError("write") naming it; nothing is cloned."""
+    env.template("base", b"x")
+    vm_dir = env.clones_dir / "vm-1"
+    vm_dir.mkdir(parents=True)
+    with immutable(vm_dir), pytest.raises(FilesystemError) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert (info.value.op, info.value.path, info.value.errno) == ("write", str(vm_dir / ".vm-id"), errno.EPERM)
+    assert list(vm_dir.iterdir()) == []
