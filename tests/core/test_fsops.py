@@ -168,3 +168,23 @@ def test_a_directory_that_cannot_be_removed_whole_is_not_an_error(vm_dir: tuple[
         assert sorted(p.name for p in (path / "rootfs.ext4.partial").iterdir()) == ["stuck"]
     finally:
         subprocess.run(["chattr", "-i", str(stuck)], check=True)
+
+
+def test_write_atomic_overwrites_a_stale_partial_whole(vm_dir: tuple[Path, int]) -> None:
+    """A longer partial left by a crash does not leak its tail into the new file."""
+    path, fd = vm_dir
+    (path / "stamp.partial").write_text("left by a crash, longer than the new content")
+    fsops.write_atomic(fd, "stamp", b"new", path)
+    assert (path / "stamp").read_bytes() == b"new"
+
+
+def test_write_atomic_never_writes_through_a_planted_symlink(vm_dir: tuple[Path, int], tmp_path: Path) -> None:
+    """A symlink planted as the partial is refused (ELOOP), and its target keeps its bytes."""
+    path, fd = vm_dir
+    target = tmp_path / "host-file"
+    target.write_text("host data")
+    (path / "stamp.partial").symlink_to(target)
+    with pytest.raises(FilesystemError) as info:
+        fsops.write_atomic(fd, "stamp", b"new", path)
+    assert (info.value.op, info.value.path, info.value.errno) == ("write", str(path / "stamp"), errno.ELOOP)
+    assert target.read_text() == "host data"
