@@ -51,9 +51,12 @@ class Usage:
 FREE = Usage(False)
 
 
-def lease_probe(fd: int) -> bool | None:
+def lease_probe(fd: int, *, release: bool = True) -> bool | None:
     """True when `fd`'s file has no other open file description (in any process, ours included), False
-    when it has one, None when no lease can be taken here (the caller must scan /proc instead)."""
+    when it has one, None when no lease can be taken here (the caller must scan /proc instead).
+
+    `release=False` leaves the lease to die with `fd` (closing it removes it): one syscall less for a
+    caller that closes `fd` right away."""
     try:
         # Before the lease exists, so a break can never deliver SIGIO (default action: terminate).
         fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
@@ -62,8 +65,9 @@ def lease_probe(fd: int) -> bool | None:
         if exc.errno in (errno.EAGAIN, errno.EBUSY):
             return False
         return None  # EACCES (not our file, no CAP_LEASE), EINVAL (leases off, odd filesystem), ENOLCK
-    with contextlib.suppress(OSError):  # the lease dies with the fd anyway, closed by the caller
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    if release:
+        with contextlib.suppress(OSError):  # the lease dies with the fd anyway, closed by the caller
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
     return True
 
 

@@ -14,11 +14,13 @@ import os
 import stat
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-from worker.core import cloning, fsops, hashing, inuse, locks, records, space
+from worker.core import cloning, fixup, fsops, hashing, inuse, inventory, locks, records, space
 from worker.core.config import RootfsConfig
+from worker.core.fixup import FixupReport
 from worker.core.hashcache import FileKey, HashCache
 from worker.core.layout import (
     CACHE_DIR,
@@ -34,6 +36,7 @@ from worker.core.layout import (
 )
 from worker.core.models import StackInfo, VmRootfs, WarmReport
 from worker.core.names import check_stack_name, check_vm_id
+from worker.core.reconcile import DEFAULT_OLDER_THAN, ReconcileReport, reconcile
 from worker.core.templates import Template, open_template, stack_names
 from worker.errors import (
     CloneInUse,
@@ -110,6 +113,36 @@ class RootfsRegistry:
                 else:
                     warm.append(name)
         return WarmReport(tuple(hashed), tuple(warm), total, time.monotonic() - started, failed)
+
+    def cached_stacks(self) -> dict[str, str | None]:
+        """Every stack with its hash where the cache has it, None where cold: never hashes (heartbeats and
+        the inventory call this; a stack that cannot be opened is left out)."""
+        found: dict[str, str | None] = {}
+        for name in stack_names(self._config.template_dir):
+            with contextlib.suppress(RootfsError), open_template(self._config.template_dir, name) as template:
+                if template is not None:
+                    found[name] = self._cache.get(template.key)
+        return found
+
+    # -------------------------------------------------------------- inventory
+
+    def clones(self, *, pids: bool = True) -> list[inventory.CloneInfo]:
+        """Every VM directory on this host (worker.core.inventory); takes no lock, hashes nothing."""
+        return inventory.list_clones(self._config.clones_dir, self.cached_stacks(), pids=pids)
+
+    def host_summary(self) -> dict[str, Any]:
+        """Free/total bytes, reflink, clone count and warm stack hashes, for heartbeats."""
+        return inventory.host_summary(self._config.clones_dir, self.cached_stacks())
+
+    def reconcile(
+        self, keep: Sequence[str], *, older_than: float = DEFAULT_OLDER_THAN, dry_run: bool = True
+    ) -> ReconcileReport:
+        """Release every clone not in `keep`, old enough and not in use (worker.core.reconcile)."""
+        return reconcile(self, keep, older_than=older_than, dry_run=dry_run)
+
+    def fixup(self) -> FixupReport:
+        """Sweep what crashed operations left (worker.core.fixup); run when a worker starts."""
+        return fixup.sweep(self._config)
 
     @staticmethod
     def hash_file(path: str | os.PathLike[str]) -> str:
