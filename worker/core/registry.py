@@ -135,10 +135,15 @@ class RootfsRegistry:
         return inventory.host_summary(self._config.clones_dir, self.cached_stacks())
 
     def reconcile(
-        self, keep: Sequence[str], *, older_than: float = DEFAULT_OLDER_THAN, dry_run: bool = True
+        self,
+        keep: Sequence[str],
+        *,
+        older_than: float = DEFAULT_OLDER_THAN,
+        dry_run: bool = True,
+        now: float | None = None,
     ) -> ReconcileReport:
         """Release every clone not in `keep`, old enough and not in use (worker.core.reconcile)."""
-        return reconcile(self, keep, older_than=older_than, dry_run=dry_run)
+        return reconcile(self, keep, older_than=older_than, dry_run=dry_run, now=now)
 
     def fixup(self) -> FixupReport:
         """Sweep what crashed operations left (worker.core.fixup); run when a worker starts."""
