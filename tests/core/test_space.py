@@ -52,7 +52,12 @@ def test_clone_that_would_eat_into_the_reserve_fails_before_any_byte_is_copied(
         registry.clone_for_vm("vm-warm", "small")  # the clones dir exists, with its cache and lock dirs
         copies: list[Any] = []
         real = cloning.clone_fd
-        monkeypatch.setattr(cloning, "clone_fd", lambda *a, **kw: copies.append(a) or real(*a, **kw))
+
+        def counting(*a: Any, **kw: Any) -> Any:
+            copies.append(a)
+            return real(*a, **kw)
+
+        monkeypatch.setattr(cloning, "clone_fd", counting)
         before, free_before = tree(clones), space.fs_usage(clones).free
 
         with pytest.raises(InsufficientSpace) as refused:
