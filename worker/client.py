@@ -99,7 +99,7 @@ class RootfsClient:
     def reconcile(self, *, host: str, keep: list[str], older_than: float = 600.0, dry_run: bool = True) -> JobHandle:
         """Release the host's clones whose vm id is not in `keep` (a dry run unless `dry_run=False`):
         {released, kept, in_use, too_young, failed: {vm_id: error}, dry_run, host}."""
-        kwargs = {"keep": list(keep), "older_than": older_than, "dry_run": dry_run}
+        kwargs = {"keep": keep, "older_than": older_than, "dry_run": dry_run}  # the worker checks it
         return self._send("rootfs.reconcile", host=host, kwargs=kwargs)
 
     def stacks(self, *, host: str) -> JobHandle:
