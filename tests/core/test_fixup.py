@@ -63,6 +63,7 @@ def test_sweep_removes_what_crashes_left_and_never_a_complete_clone(env: Env, ca
     assert not crashed.exists() and not unstamped.exists()
     assert not list((env.clones_dir / ".trash").iterdir())
     assert "removed incomplete clone" in caplog.text and "vm-crashed" in caplog.text
+    assert not (env.clones_dir / ".locks" / "seed-vm.lock").exists(), "a complete clone was locked"
     assert env.registry.fixup().removed == 0  # a second sweep finds nothing
 
 

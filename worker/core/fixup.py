@@ -82,6 +82,8 @@ def sweep(config: RootfsConfig, *, grace: float = DEFAULT_GRACE_S, now: float | 
 
 def _sweep_vm(clones: Path, name: str, grace: float, now: float, report: FixupReport) -> None:
     vm_dir = clones / name
+    if not _needs_work(vm_dir):
+        return  # the common case, a complete clone and nothing else: no lock taken, no lock file made
     lock = clones / LOCKS_DIR / f"{name}.lock"
     with locks.exclusive(lock, remove_if=lambda: not os.path.lexists(vm_dir), blocking=False) as held:
         if not held:
@@ -112,6 +114,18 @@ def _sweep_vm(clones: Path, name: str, grace: float, now: float, report: FixupRe
         fsops.fsync_dir(clones)
         report.partial_clones.append(name)
         log.info("start-up sweep: removed incomplete clone %s", vm_dir)
+
+
+def _needs_work(vm_dir: Path) -> bool:
+    """Something to remove here, judged without the lock (and judged again under it)."""
+    try:
+        dir_fd = os.open(vm_dir, fsops.OPEN_DIR)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    try:
+        return not _complete(dir_fd) or any(_exists(dir_fd, leftover) for leftover in partials())
+    finally:
+        os.close(dir_fd)
 
 
 def _complete(dir_fd: int) -> bool:
