@@ -94,17 +94,10 @@ def _sweep_vm(clones: Path, name: str, grace: float, now: float, report: FixupRe
             return
         try:
             if _complete(dir_fd):
-                for leftover in partials():
-                    if _exists(dir_fd, leftover):
-                        fsops.unlink(dir_fd, leftover, vm_dir)
-                        report.partial_files.append(f"{name}/{leftover}")
-                        log.info("start-up sweep: removed %s", vm_dir / leftover)
+                _remove_partial_files(dir_fd, vm_dir, report)
                 return
-            if now - _newest_mtime(dir_fd) < grace:
-                return  # maybe being filled right now (the seed takes none of our locks)
-            for disk in (CLONE_ROOTFS_FILE, *partials()[:1]):
-                if inuse.usage(dir_fd, disk, vm_dir, pids=False).in_use:
-                    return
+            if not _abandoned(dir_fd, vm_dir, grace, now):
+                return
         finally:
             os.close(dir_fd)
         fsops.delete_quietly(vm_dir)
@@ -114,6 +107,24 @@ def _sweep_vm(clones: Path, name: str, grace: float, now: float, report: FixupRe
         fsops.fsync_dir(clones)
         report.partial_clones.append(name)
         log.info("start-up sweep: removed incomplete clone %s", vm_dir)
+
+
+def _remove_partial_files(dir_fd: int, vm_dir: Path, report: FixupReport) -> None:
+    for leftover in partials():
+        if _exists(dir_fd, leftover):
+            fsops.unlink(dir_fd, leftover, vm_dir)
+            report.partial_files.append(f"{vm_dir.name}/{leftover}")
+            log.info("start-up sweep: removed %s", vm_dir / leftover)
+
+
+def _abandoned(dir_fd: int, vm_dir: Path, grace: float, now: float) -> bool:
+    """Unchanged for `grace` seconds (the seed takes none of our locks: it may be filling it right now) and
+    its disk held open by nobody."""
+    if now - _newest_mtime(dir_fd) < grace:
+        return False
+    return not any(
+        inuse.usage(dir_fd, disk, vm_dir, pids=False).in_use for disk in (CLONE_ROOTFS_FILE, *partials()[:1])
+    )
 
 
 def _needs_work(vm_dir: Path) -> bool:
