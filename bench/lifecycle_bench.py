@@ -36,6 +36,7 @@ HOST_PROCESSES = 1_000
 @dataclass
 class _Samples:
     listing: list[float] = field(default_factory=list)
+    listing_cpu: list[float] = field(default_factory=list)
     walk: list[float] = field(default_factory=list)
     dry_run: list[float] = field(default_factory=list)
     reconcile: list[float] = field(default_factory=list)
@@ -63,7 +64,9 @@ def run_section(ctx: Context) -> Section:
     _fabricate(clones, range(count), digest)
     for _ in range(ctx.reps(full=5, quick=1)):
         s.walk.append(timed(lambda: _bare_walk(clones))[0])
+        cpu = time.process_time()
         seconds, listed = timed(registry.clones)
+        s.listing_cpu.append(time.process_time() - cpu)
         s.listing.append(seconds)
     s.states = _count_states(listed)
 
@@ -238,7 +241,9 @@ def _notes(s: _Samples, count: int, keep: int) -> list[str]:
         "Listing takes no lock and hashes nothing: per VM directory it opens the disk once (its fstat and its "
         "write-lease probe come from that fd), reads the stamp and our record (or `.vm-id`); the /proc scan "
         "runs only if some disk is held (none here).",
-        f"Listing samples (ms): {listing(s.listing)}; bare walk {listing(s.walk)}.",
+        f"Listing samples (ms, wall): {listing(s.listing)}; CPU time of this process (user + system) "
+        f"{listing(s.listing_cpu)}; bare walk {listing(s.walk)}. On a loaded machine the wall time is mostly "
+        "waiting for a core: compare the CPU time, and the load average above.",
         f"Reconcile: keep list of {keep:,} vm ids, `older_than=600`, {s.released:,} clones released per round (one "
         "in ten made the seed's way); each release takes the VM's lock without waiting, re-checks age and use "
         "under it, renames into the trash (one fsync) and deletes. Baseline: the same clones, written again, "

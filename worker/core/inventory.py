@@ -39,7 +39,7 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 CloneState = Literal["complete", "incomplete", "foreign"]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CloneInfo:
     vm_id: str
     dir: str
@@ -131,9 +131,9 @@ def list_clones(
 
 
 def _with_use(info: CloneInfo, busy: bool, pids: tuple[int, ...]) -> CloneInfo:
-    if not busy:
-        return info
-    return CloneInfo(**{**info.__dict__, "in_use": True, "pids": pids})
+    if busy:
+        info.in_use, info.pids = True, pids
+    return info
 
 
 def clone_totals(clones_dir: Path) -> tuple[int, int]:
