@@ -100,7 +100,9 @@ class RootfsClient:
         """Release the host's clones whose vm id is not in `keep` (a dry run unless `dry_run=False`):
         {released, kept, in_use, too_young, failed: {vm_id: error}, dry_run, host}."""
         kwargs = {"keep": keep, "older_than": older_than, "dry_run": dry_run}  # the worker checks it
-        return self._send("rootfs.reconcile", host=host, kwargs=kwargs)
+        # The bulk queue: a sweep of thousands of releases is not latency-critical and must not hold a pool
+        # process that a clone is waiting for.
+        return self._send("rootfs.reconcile", host=host, kwargs=kwargs, bulk=True)
 
     def stacks(self, *, host: str) -> JobHandle:
         return self._send("rootfs.scan_stacks", host=host, kwargs={})
