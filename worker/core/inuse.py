@@ -89,7 +89,7 @@ def usage(dir_fd: int, name: str, path: Path, *, pids: bool = True) -> Usage:
 
 def probe(dir_fd: int, name: str, path: Path) -> tuple[FileId | None, bool | None]:
     """The file's id and its lease verdict (see `lease_probe`); (None, None) when there is no regular file.
-    The inventory's path: one lease each, and one /proc scan afterwards for all the held ones."""
+    The probe's fd is closed before this returns, so a /proc scan that follows does not find us."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=dir_fd)
     except (FileNotFoundError, NotADirectoryError):
