@@ -80,6 +80,9 @@ def test_clones_release_in_use_and_reconcile_through_the_queue(start_host: Start
     assert {c["state"] for c in listed} == {"complete"} and {c["stack"] for c in listed} == {"base"}
     cli = _cli(host.env, "clones", "--host", "a", "--json")
     assert cli.returncode == 0 and json.loads(cli.stdout) == client.clones(host="a").result(timeout=30)
+    table = _cli(host.env, "clones", "--host", "a").stdout.splitlines()
+    assert table[0].split() == ["VM", "STACK", "STATE", "SIZE", "ALLOCATED", "AGE", "IN", "USE", "STALE"]
+    assert table[1].split()[:3] == ["vm-forced", "base", "complete"] and len(table) == 5
 
     held_disk = host.clones_dir / "vm-held" / "rootfs.ext4"
     with hold_open(held_disk, "rw") as holder, hold_open(host.clones_dir / "vm-forced" / "rootfs.ext4", "ro"):
