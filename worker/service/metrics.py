@@ -64,7 +64,16 @@ DURATION_BUCKETS = (
 METRICS_SUBDIR = "metrics"
 
 #: The jobs `rootfs_jobs_in_progress` reports (each with 0 when none runs, so the series never vanish).
-JOB_TASKS = ("clone_for_vm", "release_vm", "scan_stacks", "warm_hashes", "fanout_warm", "ping")
+JOB_TASKS = (
+    "clone_for_vm",
+    "release_vm",
+    "scan_stacks",
+    "warm_hashes",
+    "fanout_warm",
+    "ping",
+    "list_clones",
+    "reconcile",
+)
 
 #: Running jobs by task name, read in the main process at scrape time (worker.service.observability).
 ActiveJobs = Callable[[], Iterable[str]]
