@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import Env
 from tests.core.test_registry import CountingHash
 from tests.helpers import hold_open, sha256_of
-from worker.core import locks
+from worker.core import inventory, locks
 
 
 def seed_clone(env: Env, safe_id: str, data: bytes, *, stamp: str | None = None) -> Path:
@@ -138,3 +138,16 @@ def test_host_summary_reads_the_cache_only(env: Env, monkeypatch: pytest.MonkeyP
     assert summary["stacks"] == {"cold": None, "warm": sha256_of(env.template_dir / "warm" / "rootfs.ext4")}
     assert 0 < summary["free_bytes"] <= summary["total_bytes"]
     assert summary["reflink"] in (True, False, None)
+
+
+def test_clone_totals_count_vm_directories_and_their_disks_blocks(env: Env) -> None:
+    """Totals for metrics: VM directories only (not lost+found, not ours), blocks of each disk or partial disk."""
+    env.template("base", b"B" * 10000)
+    disk = env.registry.clone_for_vm("vm-1", "base").path
+    partial = env.clones_dir / "vm-2"
+    partial.mkdir()
+    (partial / "rootfs.ext4.partial").write_bytes(b"x" * 5000)
+    (env.clones_dir / "lost+found").mkdir()
+    expected = disk.stat().st_blocks * 512 + (partial / "rootfs.ext4.partial").stat().st_blocks * 512
+    assert inventory.clone_totals(env.clones_dir) == (2, expected)
+    assert inventory.clone_totals(env.clones_dir / "missing") == (0, 0)
