@@ -771,10 +771,11 @@ def test_clone_file_that_cannot_be_created_is_reported(env: Env) -> None:
     vm_dir = env.clones_dir / "vm-1"
     vm_dir.mkdir(parents=True)
     (vm_dir / ".vm-id").write_text("vm-1")
+    (vm_dir / ".clone.json").write_text(json.dumps({"vm_id": "vm-1", "stack": "base", "created": 1.0}))
     with immutable(vm_dir), pytest.raises(FilesystemError) as info:
         env.registry.clone_for_vm("vm-1", "base")
     assert (info.value.op, info.value.path) == ("create clone", str(vm_dir / "rootfs.ext4.partial"))
-    assert sorted(p.name for p in vm_dir.iterdir()) == [".vm-id"]
+    assert sorted(p.name for p in vm_dir.iterdir()) == [".clone.json", ".vm-id"]
 
 
 def test_release_that_cannot_move_the_clone_is_reported_and_keeps_it(env: Env) -> None:
@@ -898,9 +899,11 @@ def test_replacing_a_bad_clone_is_logged(env: Env, caplog: pytest.LogCaptureFixt
     assert f"cloned {template} to {vm_dir / 'rootfs.ext4'} by sparse-copy" in messages
 
 
-@pytest.mark.parametrize("nth", [1, 2])
-def test_a_clone_that_cannot_be_examined_is_reported(env: Env, monkeypatch: pytest.MonkeyPatch, nth: int) -> None:
-    """Checking an existing clone failing (EIO), before or after the leftovers are cleared, is FilesystemError
+@pytest.mark.parametrize("first_failing", [1, 2])
+def test_a_clone_that_cannot_be_examined_is_reported(
+    env: Env, monkeypatch: pytest.MonkeyPatch, first_failing: int
+) -> None:
+    """Examining an existing clone failing (EIO), from the leftover sweep on or only after it, is FilesystemError
     ("stat clone") naming it, and the clone is left alone."""
     env.template("base", b"x")
     rootfs = env.registry.clone_for_vm("vm-1", "base")
@@ -911,7 +914,7 @@ def test_a_clone_that_cannot_be_examined_is_reported(env: Env, monkeypatch: pyte
         nonlocal calls
         if path == "rootfs.ext4" and kw.get("dir_fd") is not None:
             calls += 1
-            if calls == nth:
+            if calls >= first_failing:
                 raise OSError(errno.EIO, "Input/output error")
         return real_stat(path, *args, **kw)
 
@@ -934,7 +937,7 @@ def test_leftovers_beside_an_interrupted_clone_all_go(env: Env) -> None:
     (vm_dir / "rootfs.ext4.sha256.partial" / "junk").write_text("x")
     rootfs = env.registry.clone_for_vm("vm-1", "base")
     assert rootfs.path.read_bytes() == b"complete"
-    assert sorted(p.name for p in vm_dir.iterdir()) == [".vm-id", "rootfs.ext4", "rootfs.ext4.sha256"]
+    assert sorted(p.name for p in vm_dir.iterdir()) == [".clone.json", ".vm-id", "rootfs.ext4", "rootfs.ext4.sha256"]
 
 
 def test_a_stamp_that_cannot_be_read_is_reported(env: Env) -> None:
@@ -978,18 +981,30 @@ def test_template_cut_short_while_copied_names_the_template(env: Env, monkeypatc
     assert not (env.clones_dir / "vm-1").exists()
 
 
-def test_a_full_clones_filesystem_names_the_partial_clone(tmp_path: Path) -> None:
-    """Clones on a full filesystem (an 8 MiB tmpfs, a 16 MiB template) fail with a transient ENOSPC naming the
-    partial clone, and leave nothing behind."""
+def test_a_full_clones_filesystem_names_the_partial_clone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clones filesystem that fills up during the copy (another writer takes the room the space check saw)
+    fails with a transient ENOSPC naming the partial clone, and leaves nothing behind."""
     template_dir = tmp_path / "templates"
-    write_template(template_dir, "base", os.urandom(16 * MIB))
+    write_template(template_dir, "base", os.urandom(4 * MIB))
     with tmpfs_mount(tmp_path, size_mib=8) as clones_dir:
         registry = RootfsRegistry(RootfsConfig(template_dir, clones_dir))
+        real_pwrite = os.pwrite
+        filler = clones_dir / "filler"
+
+        def someone_fills_the_disk(fd: int, data: Any, offset: int) -> int:
+            if not filler.exists():
+                with filler.open("wb") as f, contextlib.suppress(OSError):
+                    f.write(bytes(8 * MIB))
+            return real_pwrite(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", someone_fills_the_disk)
         with pytest.raises(FilesystemError) as info:
             registry.clone_for_vm("vm-1", "base")
+        monkeypatch.undo()
         assert (info.value.path, info.value.errno) == (str(clones_dir / "vm-1" / "rootfs.ext4.partial"), errno.ENOSPC)
         assert info.value.transient
         assert not (clones_dir / "vm-1").exists()
+        filler.unlink()
 
 
 def test_a_failing_stamp_write_is_reported_and_cleanup_failures_do_not_hide_it(
