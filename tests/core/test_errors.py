@@ -9,7 +9,9 @@ import pytest
 
 from worker.errors import (
     TRANSIENT_ERRNOS,
+    CloneInUse,
     FilesystemError,
+    InsufficientSpace,
     InvalidArgument,
     InvalidStackName,
     InvalidVmId,
@@ -19,6 +21,7 @@ from worker.errors import (
     StampMismatch,
     TaskTimeout,
     TemplateChanged,
+    VmBusy,
     VmIdConflict,
 )
 
@@ -66,6 +69,23 @@ CASES: list[tuple[RootfsError, str, bool]] = [
     (TaskTimeout("abc-123", 2.5), "no result for task abc-123 within 2.5s", True),
     (TaskTimeout("abc-123", 60.0), "no result for task abc-123 within 60s", True),
     (RemoteError("TimeLimitExceeded", "hard limit"), "TimeLimitExceeded: hard limit", False),
+    (
+        CloneInUse("vm-1", [12, 345]),
+        "vm 'vm-1' clone is in use (held open by 12, 345); stop the VM first or release with force",
+        False,
+    ),
+    (
+        CloneInUse("vm-1", []),
+        "vm 'vm-1' clone is in use (held open by a process this worker cannot see); stop the VM first or release"
+        " with force",
+        False,
+    ),
+    (
+        InsufficientSpace("/c", 100, 50, 10),
+        "not enough space on /c: a clone needs 100 bytes, 50 are free and 10 must stay free (ROOTFS_MIN_FREE)",
+        True,
+    ),
+    (VmBusy("vm-1"), "vm 'vm-1' is being cloned or released by another operation", True),
 ]
 
 

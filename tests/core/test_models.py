@@ -99,3 +99,13 @@ def test_registry_from_env_reads_the_process_environment(monkeypatch: pytest.Mon
     assert RootfsConfig.from_env().clones_dir == Path("/var/lib/microvm/rootfs")
     assert RootfsConfig.from_env({}) == RootfsConfig()
     assert RootfsConfig(str(tmp_path), str(tmp_path)).template_dir == tmp_path  # type: ignore[arg-type]
+
+
+def test_min_free_comes_from_the_environment_mapping() -> None:
+    """ROOTFS_MIN_FREE sets the reserve a copy must leave free; unset or blank, it is the default 5%."""
+    from worker.core.space import DEFAULT_RESERVE, Reserve
+
+    assert RootfsConfig.from_env({"ROOTFS_MIN_FREE": "10G"}).min_free == Reserve(nbytes=10 << 30)
+    assert RootfsConfig.from_env({"ROOTFS_MIN_FREE": " 2% "}).min_free == Reserve(percent=2.0)
+    assert RootfsConfig.from_env({"ROOTFS_MIN_FREE": "  "}).min_free == DEFAULT_RESERVE
+    assert RootfsConfig.from_env({}).min_free == DEFAULT_RESERVE == Reserve(percent=5.0)
