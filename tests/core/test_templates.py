@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Env
+from tests.helpers import write_template
 from worker.core.templates import open_template, stack_names
 from worker.errors import FilesystemError, TemplateChanged
 
@@ -93,3 +94,40 @@ def test_a_template_that_cannot_be_opened_is_a_filesystem_error(env: Env, monkey
         pass
     assert (info.value.op, info.value.path, info.value.errno) == ("open template", str(path), errno.EIO)
     assert info.value.transient
+
+
+@pytest.mark.parametrize("dir_name", ["stacks ", "stacksX", "stacks/"])
+def test_any_template_dir_name_finds_its_stacks(tmp_path: Path, dir_name: str) -> None:
+    """A template dir whose name ends in a space or any letter (or is given with a trailing slash) finds its stacks."""
+    template_dir = tmp_path / dir_name.rstrip("/")
+    write_template(template_dir, "base", b"x")
+    given = Path(str(tmp_path / dir_name))
+    with open_template(given, "base") as template:
+        assert template is not None
+    assert stack_names(given) == ["base"]
+
+
+def test_a_template_leading_outside_is_logged(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """A template symlinked out of the template dir is ignored with a warning naming both ends."""
+    outside = env.root / "outside" / "disk.img"
+    outside.parent.mkdir()
+    outside.write_bytes(b"host")
+    (env.template_dir / "evil").mkdir()
+    link = env.template_dir / "evil" / "rootfs.ext4"
+    link.symlink_to(outside)
+    with open_template(env.template_dir, "evil") as template:
+        assert template is None
+    assert caplog.messages == [f"template {link} resolves outside {env.template_dir} ({outside}); ignored"]
+
+
+def test_a_template_that_cannot_be_resolved_is_a_filesystem_error(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resolving a template failing for a real reason (EIO) is FilesystemError("stat template") naming it."""
+    path = env.template("base", b"x")
+
+    def broken(*args: object, **kw: object) -> str:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os.path, "realpath", broken)
+    with pytest.raises(FilesystemError) as info, open_template(env.template_dir, "base"):
+        pass
+    assert (info.value.op, info.value.path, info.value.errno) == ("stat template", str(path), errno.EIO)
