@@ -168,3 +168,18 @@ def test_a_symlink_as_lock_file_is_refused(tmp_path: Path, use: str) -> None:
         pass
     assert (info.value.op, info.value.path, info.value.errno) == ("lock", str(path), errno.ELOOP)
     assert not target.exists()
+
+
+def test_non_blocking_exclusive_says_no_at_once_and_touches_nothing(tmp_path: Path) -> None:
+    """blocking=False yields False while another holds the lock (and removes nothing), True when it is free."""
+    path = tmp_path / "vm-1.lock"
+    with locks.exclusive(path) as held:
+        assert held is True
+        with locks.exclusive(path, blocking=False, remove_if=lambda: True) as second:
+            assert second is False
+        assert path.exists()
+    with locks.exclusive(path, blocking=False, remove_if=lambda: True) as free:
+        assert free is True
+        with locks.exclusive(path, blocking=False) as other:
+            assert other is False
+    assert not path.exists()
