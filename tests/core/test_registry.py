@@ -289,6 +289,7 @@ def test_seed_hard_link_clone_is_replaced_by_a_real_copy(env: Env) -> None:
     assert rootfs.path.read_bytes() == b"shared-inode"
 
 
+@pytest.mark.slow  # a 2 GiB template (the marker: "or large files")
 def test_sparse_template_clones_without_allocating_holes(env: Env) -> None:
     """A 2 GiB image with 64 MiB of data clones with no more blocks than the template."""
     template = env.sparse_template("big", size=2048 * MIB, data_mib=64)
