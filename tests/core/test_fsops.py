@@ -188,3 +188,10 @@ def test_write_atomic_never_writes_through_a_planted_symlink(vm_dir: tuple[Path,
         fsops.write_atomic(fd, "stamp", b"new", path)
     assert (info.value.op, info.value.path, info.value.errno) == ("write", str(path / "stamp"), errno.ELOOP)
     assert target.read_text() == "host data"
+
+
+def test_a_fifo_planted_as_a_small_file_reads_as_empty_without_hanging(vm_dir: tuple[Path, int]) -> None:
+    """A FIFO where a stamp or owner record belongs reads as empty at once: nobody can make the worker wait."""
+    path, fd = vm_dir
+    os.mkfifo(path / "stamp")
+    assert fsops.read_text(fd, "stamp", path) == ""

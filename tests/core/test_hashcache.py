@@ -227,3 +227,25 @@ def test_an_old_entry_that_cannot_be_pruned_does_not_fail_the_new_one(tmp_path: 
         assert old.exists()
     finally:
         subprocess.run(["chattr", "-i", str(old)], check=True)
+
+
+def test_a_hit_read_from_disk_is_remembered(tmp_path: Path) -> None:
+    """An entry read once is served from memory afterwards, also once the file is gone; a miss is not remembered."""
+    directory = tmp_path / "hashes"
+    HashCache(directory).put(KEY, DIGEST)
+    cache = HashCache(directory)
+    other = dataclasses.replace(KEY, ino=KEY.ino + 1)
+    assert cache.get(other) is None
+    assert cache.get(KEY) == DIGEST
+    for entry in entries(directory):
+        entry.unlink()
+    assert cache.get(KEY) == DIGEST
+    HashCache(directory).put(other, OTHER)
+    assert cache.get(other) == OTHER
+
+
+def test_entries_are_stored_under_a_cache_dir_that_does_not_exist_yet(tmp_path: Path) -> None:
+    """The first entry creates the cache directory and its parents."""
+    directory = tmp_path / "clones" / ".cache" / "hashes"
+    HashCache(directory).put(KEY, DIGEST)
+    assert HashCache(directory).get(KEY) == DIGEST

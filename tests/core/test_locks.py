@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import os
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -183,3 +185,16 @@ def test_non_blocking_exclusive_says_no_at_once_and_touches_nothing(tmp_path: Pa
         with locks.exclusive(path, blocking=False) as other:
             assert other is False
     assert not path.exists()
+
+
+def test_lock_files_are_private(tmp_path: Path) -> None:
+    """Lock files are created readable and writable by their owner only (0600), whatever the umask allows."""
+    old = os.umask(0)
+    try:
+        for make in (locks.exclusive, locks.try_exclusive):
+            path = tmp_path / f"{make.__name__}.lock"
+            with make(path):
+                pass
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)

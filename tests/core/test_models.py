@@ -98,7 +98,8 @@ def test_registry_from_env_reads_the_process_environment(monkeypatch: pytest.Mon
     monkeypatch.setenv("MICROVM_ROOTFS_CLONES_DIR", "")
     assert RootfsConfig.from_env().clones_dir == Path("/var/lib/microvm/rootfs")
     assert RootfsConfig.from_env({}) == RootfsConfig()
-    assert RootfsConfig(str(tmp_path), str(tmp_path)).template_dir == tmp_path  # type: ignore[arg-type]
+    given_as_text = RootfsConfig(str(tmp_path), str(tmp_path / "c"))  # type: ignore[arg-type]
+    assert given_as_text.template_dir == tmp_path and given_as_text.clones_dir == tmp_path / "c"
 
 
 def test_min_free_comes_from_the_environment_mapping() -> None:
