@@ -50,6 +50,7 @@ def test_registry_results_have_those_shapes(env: Env) -> None:
     assert info is not None
     digest = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     assert info.to_dict() == {"name": "base", "size_bytes": 3, "sha256": digest}
+    assert info.template_path == env.template_dir / "base" / "rootfs.ext4"
     first = env.registry.clone_for_vm("vm/1", "base")
     expected = {"vm_id": "vm_1", "stack": "base", "path": str(env.clones_dir / "vm_1" / "rootfs.ext4")}
     assert first.to_dict() == {**expected, "source_sha256": digest, "method": "copy"}

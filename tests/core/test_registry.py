@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Env
-from tests.helpers import MIB, sha256_of, tmpfs_mount, tree, wait_until, write_template
+from tests.helpers import MIB, sha256_of, tmpfs_mount, tree, wait_until, write_template, xfs_reflink_mount
 from worker import (
     FilesystemError,
     InvalidStackName,
@@ -514,7 +514,8 @@ def test_two_vm_ids_for_one_directory_never_share_a_disk(env: Env) -> None:
     first = env.registry.clone_for_vm("vm/1", "base")
     with pytest.raises(VmIdConflict) as info:
         env.registry.clone_for_vm("vm:1", "base")
-    assert info.value.owner == "vm/1" and not info.value.transient
+    assert (info.value.vm_id, info.value.safe_id, info.value.owner) == ("vm:1", "vm_1", "vm/1")
+    assert not info.value.transient
     with pytest.raises(VmIdConflict):
         env.registry.release("vm:1")
     assert first.path.exists()
@@ -1074,3 +1075,36 @@ def test_an_owner_record_that_cannot_be_written_is_reported(env: Env) -> None:
         env.registry.clone_for_vm("vm-1", "base")
     assert (info.value.op, info.value.path, info.value.errno) == ("write", str(vm_dir / ".vm-id"), errno.EPERM)
     assert list(vm_dir.iterdir()) == []
+
+
+def test_an_empty_stamp_is_a_mismatch_showing_no_stamp(env: Env) -> None:
+    """A clone whose stamp came back empty is refused as a mismatch with an empty stamp, never reused blindly."""
+    env.template("base", b"x")
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    (env.clones_dir / "vm-1" / "rootfs.ext4.sha256").write_bytes(b"")
+    with pytest.raises(StampMismatch) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert (info.value.stamp, info.value.template_sha256) == ("", rootfs.source_sha256)
+
+
+def test_a_template_read_error_while_hashing_names_the_template(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A template that fails to read (EIO) while its hash is computed is FilesystemError("read") naming it."""
+    path = env.template("base", os.urandom(3 * MIB))
+
+    def broken(*args: Any) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "preadv", broken)
+    with pytest.raises(FilesystemError) as info:
+        env.registry.stack("base")
+    assert (info.value.op, info.value.path, info.value.errno) == ("read", str(path), errno.EIO)
+
+
+def test_a_clone_on_a_reflink_filesystem_says_reflink(tmp_path: Path) -> None:
+    """Templates and clones on one XFS (reflink=1): the clone is made by reflink, and says so."""
+    with xfs_reflink_mount(tmp_path) as mountpoint:
+        write_template(mountpoint / "templates", "base", os.urandom(MIB))
+        registry = RootfsRegistry(RootfsConfig(mountpoint / "templates", mountpoint / "clones"))
+        rootfs = registry.clone_for_vm("vm-1", "base")
+        assert rootfs.method == "reflink"
+        assert sha256_of(rootfs.path) == rootfs.source_sha256
