@@ -350,6 +350,7 @@ def test_sparse_copy_moves_every_extent_in_the_kernel(ext4_dir: Path, trace: Cop
     dst = ext4_dir / "clone.ext4"
     assert clone(src, dst) == "sparse-copy"
     assert trace.cfr_bytes == data_bytes(src)
+    assert trace.cfr_calls == len(data_map(src))  # one call per extent of a few MiB: none wasted
     assert trace.read_bytes == trace.written_bytes == 0
     assert_same_sparse_file(dst, src)
 
@@ -615,3 +616,17 @@ def test_template_rewritten_in_place_during_copy_is_template_changed(
     with pytest.raises(TemplateChanged) as info:
         clone(src, ext4_dir / "clone.ext4")
     assert info.value.detail == "size/mtime/ctime changed while it was copied"
+
+
+def test_a_pipe_as_source_is_a_filesystem_error(tmp_path: Path) -> None:
+    """A source that cannot seek (a pipe) is FilesystemError("copy") naming it, not a clone of nothing."""
+    read_end, write_end = os.pipe()
+    dst = tmp_path / "clone.ext4"
+    dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with pytest.raises(FilesystemError) as info:
+            clone_fd(read_end, dst_fd, src_path="pipe", dst_path=str(dst))
+    finally:
+        for fd in (read_end, write_end, dst_fd):
+            os.close(fd)
+    assert (info.value.op, info.value.path, info.value.errno) == ("copy", "pipe", errno.ESPIPE)
