@@ -11,6 +11,7 @@ from worker.core.registry import RootfsRegistry
 from worker.errors import (
     FilesystemError,
     InvalidArgument,
+    InvalidMessage,
     InvalidStackName,
     InvalidVmId,
     RemoteError,
@@ -25,6 +26,7 @@ from worker.errors import (
 __all__ = [
     "FilesystemError",
     "InvalidArgument",
+    "InvalidMessage",
     "InvalidStackName",
     "InvalidVmId",
     "RemoteError",

@@ -34,6 +34,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "socket_keepalive": True,
         "health_check_interval": 10,
         "retry_on_timeout": True,
+        # Read by worker.service.transport: items of these queues must be task messages this worker can run
+        # (anything else is dropped before Celery reads it); a message may not ask for a longer time limit
+        # than the worker's, nor an eta so far ahead that the visibility sweep would hand it out again.
+        "rootfs_task_queues": worker_queue_names(s.host),
+        "rootfs_max_time_limit": s.time_limit,
+        "rootfs_max_eta_ahead": s.visibility_timeout - s.time_limit,
     }
     return {
         "broker_url": s.broker_url,
