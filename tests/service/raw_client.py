@@ -78,7 +78,7 @@ class RawClient:
     def wait(self, task_id: str, *, timeout: float = 30.0) -> dict[str, Any]:
         """Subscribe first, then read: a result stored between the two is not missed (docs/protocol.md)."""
         key = f"celery-task-meta-{task_id}"
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         pubsub.subscribe(key)
         try:
             deadline = time.monotonic() + timeout
