@@ -278,9 +278,14 @@ def _check_time(headers: Mapping[str, Any], name: str, max_ahead: float | None, 
         return
     if not isinstance(value, str):
         raise BadMessage(f"header {name} must be an ISO 8601 string or null, got {_short_value(value)}")
+    if not value:  # Celery reads "" as no date
+        return
     try:
-        when = maybe_iso8601(value)
-        if when is None:  # Celery reads "" as no date
+        try:
+            when: datetime | None = datetime.fromisoformat(value)  # C, ~50x faster; same result where both parse
+        except ValueError:
+            when = maybe_iso8601(value)  # Celery's own parser (dateutil), for the forms fromisoformat lacks
+        if when is None:
             return
         when = maybe_make_aware(when, UTC)
         when.astimezone(UTC)  # Celery converts it: an offset that leaves years 1..9999 raises here, not there
@@ -330,19 +335,16 @@ def _check_body(body: Any) -> None:
 
 
 def _depth_ok(value: Any, limit: int = MAX_DEPTH) -> bool:
-    stack = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        if depth >= limit:
-            return False
-        stack.extend((child, depth + 1) for child in children)
-    return True
+    """No list/object nested deeper than `limit`. Recursive, but only `limit` deep; scalars cost nothing."""
+    if isinstance(value, dict):
+        children: Any = value.values()
+    elif isinstance(value, list):
+        children = value
+    else:
+        return True
+    if limit <= 0:
+        return False
+    return all(_depth_ok(child, limit - 1) for child in children if isinstance(child, dict | list))
 
 
 def _is_id(value: Any) -> bool:
