@@ -16,11 +16,14 @@ import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kombu import Queue
 
 from tests.helpers import wait_until
 from tests.service.hostile_items import HOSTILE, ITEMS, QUEUE, usable_id, valid
 from tests.service.raw_client import READY_STATES, RawClient
 from tests.workers import Host, StartHost
+from worker import InvalidMessage
+from worker.client import JobHandle, RootfsClient
 
 pytestmark = pytest.mark.slow
 
@@ -143,3 +146,15 @@ def test_generated_items_never_stop_the_worker(host_a: Host, raw: RawClient) -> 
     run()
     _clone_succeeds(raw, f"vm-{uuid.uuid4().hex[:6]}")
     assert "Unrecoverable error" not in host_a.worker.log()
+
+
+def test_python_client_gets_invalid_message_for_limits_the_worker_cannot_honour(
+    host_a: Host, client: RootfsClient
+) -> None:
+    """Through RootfsClient, a job asking for more time than the worker allows fails at once as InvalidMessage."""
+    app = client._app
+    sent = app.send_task("rootfs.ping", kwargs={"host": "a"}, queue=Queue(QUEUE), time_limit=3600)
+    with pytest.raises(InvalidMessage, match="exceeds the worker's time limit 60s") as info:
+        JobHandle(sent, "rootfs.ping", "a").result(timeout=30)
+    assert info.value.task_id == sent.id and not info.value.transient
+    assert client.ping(host="a").result(timeout=30) == {"host": "a"}
