@@ -14,6 +14,7 @@ from celery import Celery
 from kombu import Queue
 
 from worker.service.queues import FANOUT_QUEUE, host_queues, worker_queue_names
+from worker.service.refusals import RefusalReporting
 from worker.service.request import RootfsTask
 from worker.service.settings import Settings
 
@@ -105,6 +106,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def create_app(settings: Settings | None = None) -> Celery:
     """An app configured from `settings`, or lazily from the environment when none is given."""
     app = Celery("rootfs", include=TASK_MODULES, set_as_current=settings is None, task_cls=RootfsTask)
+    # Queue items the transport refuses get a FAILURE under their id and a task-failed event.
+    app.steps["consumer"].add(RefusalReporting)
     if settings is None:
         app.add_defaults(lambda: celery_config(Settings.from_env(os.environ)))
     else:

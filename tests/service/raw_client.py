@@ -44,7 +44,16 @@ def envelope(
         "body": base64.b64encode(json.dumps(body).encode()).decode(),
         "content-encoding": "utf-8",
         "content-type": "application/json",
-        "headers": {"lang": "go", "task": task, "id": task_id, "expires": expires, **(headers or {})},
+        "headers": {
+            "lang": "go",
+            "task": task,
+            "id": task_id,
+            "expires": expires,
+            # Informational only: what Flower shows as the job's arguments.
+            "argsrepr": json.dumps(args or []),
+            "kwargsrepr": json.dumps(kwargs),
+            **(headers or {}),
+        },
         "properties": {
             "body_encoding": "base64",
             "delivery_tag": str(uuid.uuid4()),

@@ -5,24 +5,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery.signals import worker_init, worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown
 
-from worker.service import runtime, transport
+from worker.service import runtime
 from worker.service.hosts import Heartbeat
 from worker.service.queues import host_queues, worker_queue_names
-from worker.service.request import store_refusal
 
 log = logging.getLogger(__name__)
 
 _heartbeats: list[Heartbeat] = []
-
-
-@worker_init.connect
-def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    """A queue item the transport refuses gets a FAILURE under its id, stored through this app's backend."""
-    if sender is not None:
-        app = sender.app
-        transport.set_drop_handler(lambda _queue, task_id, reason: store_refusal(app, task_id, reason))
 
 
 @worker_ready.connect

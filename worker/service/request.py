@@ -10,18 +10,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import Celery, Task
+from celery import Task
 from celery.exceptions import InvalidTaskError
 from celery.worker.request import Request
 
-from worker.errors import InvalidMessage
+from worker.service.refusals import store_refusal
 
 log = logging.getLogger(__name__)
-
-
-def store_refusal(app: Celery, task_id: str, reason: str) -> None:
-    """Store FAILURE(InvalidMessage) under `task_id`: a client waiting on it gets the reason, not a timeout."""
-    app.backend.mark_as_failure(task_id, InvalidMessage(task_id, reason), request=None, call_errbacks=False)
 
 
 class SafeRequest(Request):  # type: ignore[misc]
