@@ -88,6 +88,7 @@ def test_public_api_is_pinned() -> None:
     assert worker.__all__ == [
         "FilesystemError",
         "InvalidArgument",
+        "InvalidMessage",
         "InvalidStackName",
         "InvalidVmId",
         "RemoteError",

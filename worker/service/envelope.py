@@ -21,7 +21,7 @@ import binascii
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -154,25 +154,28 @@ def check_envelope(payload: Any) -> dict[str, Any]:
             f"properties.delivery_tag must be 1 to {MAX_ID_CHARS} printable characters, got {_short_value(tag)}"
         )
     info = props.get("delivery_info")
-    if (
-        not isinstance(info, dict)
-        or not isinstance(info.get("exchange"), str)
-        or not isinstance(info.get("routing_key"), str)
+    if not (
+        isinstance(info, dict) and isinstance(info.get("exchange"), str) and isinstance(info.get("routing_key"), str)
     ):
         raise BadMessage("properties.delivery_info must be an object with string exchange and routing_key")
     encoding = props.get("body_encoding")
     if encoding is not None and (not isinstance(encoding, str) or encoding.lower() not in ("base64", "utf-8")):
         raise BadMessage(f"properties.body_encoding {_short_value(encoding)} is not base64")
-    for key in ("content-type", "content-encoding"):
-        if not isinstance(payload.get(key), str | None):
-            raise BadMessage(f"{key} must be a string")
-    if not isinstance(payload.get("headers"), dict | None):
-        raise BadMessage("headers must be an object")
-    if not isinstance(payload.get("body"), str | None):
-        raise BadMessage("body must be a string")
     if not isinstance(props.get("priority"), int | None):
         raise BadMessage("properties.priority must be an integer")
+    for key, kind, what in _ENVELOPE_FIELDS:
+        if not isinstance(payload.get(key), kind):
+            raise BadMessage(f"{key} must be {what}")
     return payload
+
+
+#: Top-level envelope fields kombu reads, and the JSON types it can read them as.
+_ENVELOPE_FIELDS: tuple[tuple[str, Any, str], ...] = (
+    ("content-type", str | None, "a string"),
+    ("content-encoding", str | None, "a string"),
+    ("headers", dict | None, "an object"),
+    ("body", str | None, "a string"),
+)
 
 
 def check_task_message(payload: Any, queue: str, limits: Limits, *, now: datetime | None = None) -> dict[str, Any]:
@@ -224,27 +227,19 @@ def _check_headers(headers: dict[str, Any], limits: Limits, now: datetime | None
         raise BadMessage(
             f"header id must be 1 to {MAX_ID_CHARS} printable characters, got {_short_value(headers.get('id'))}"
         )
-    for name in _OPTIONAL_STR_HEADERS:
-        if not isinstance(headers.get(name), str | None):
-            raise BadMessage(f"header {name} must be a string or null, got {_short_value(headers.get(name))}")
-    for name in ("retries", "replaced_task_nesting", "group_index"):
-        value = headers.get(name)
-        if value is not None and (not _is_int(value) or not 0 <= value <= 1_000_000):
-            raise BadMessage(f"header {name} must be an integer from 0 to 1000000, got {_short_value(value)}")
-    for name in ("ignore_result", "redelivered"):
-        if not isinstance(headers.get(name), bool | None):
-            raise BadMessage(f"header {name} must be true, false or null")
-    if headers.get("compression") is not None:
-        raise BadMessage("compressed bodies are not supported")
-    stamped = headers.get("stamped_headers")
-    if stamped is not None and (not isinstance(stamped, list) or not all(isinstance(s, str) for s in stamped)):
-        raise BadMessage("header stamped_headers must be a list of strings or null")
-    stamps = headers.get("stamps")
-    if stamps is not None and (not isinstance(stamps, dict) or not _depth_ok(stamps)):
-        raise BadMessage("header stamps must be an object or null")
+    for names, valid, what in _HEADER_TYPES:
+        for name in names:
+            value = headers.get(name)
+            if value is not None and not valid(value):
+                raise BadMessage(f"header {name} must be {what} or null, got {_short_value(value)}")
     _check_timelimit(headers.get("timelimit"), limits)
     _check_time(headers, "expires", None)
     _check_time(headers, "eta", limits.max_eta_ahead, now)
+    _check_extension_headers(headers)
+
+
+def _check_extension_headers(headers: dict[str, Any]) -> None:
+    """Headers outside the protocol are carried into the task's context: never over the worker's own fields."""
     for name, value in headers.items():
         if name in _KNOWN_HEADERS:
             continue
@@ -252,6 +247,25 @@ def _check_headers(headers: dict[str, Any], limits: Limits, now: datetime | None
             raise BadMessage(f"header {name!r} is reserved for the worker")
         if not _depth_ok(value):
             raise BadMessage(f"header {name!r} nests deeper than {MAX_DEPTH}")
+
+
+def _is_count(value: Any) -> bool:
+    return _is_int(value) and 0 <= value <= 1_000_000
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+#: Protocol headers by type: (names, check of a non-null value, what the check wants).
+_HEADER_TYPES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
+    (_OPTIONAL_STR_HEADERS, lambda v: isinstance(v, str), "a string"),
+    (("retries", "replaced_task_nesting", "group_index"), _is_count, "an integer from 0 to 1000000"),
+    (("ignore_result", "redelivered"), lambda v: isinstance(v, bool), "true, false"),
+    (("stamped_headers",), _is_str_list, "a list of strings"),
+    (("stamps",), lambda v: isinstance(v, dict) and _depth_ok(v), "an object"),
+    (("compression",), lambda v: False, "absent (compressed bodies are not supported)"),
+)
 
 
 def _check_timelimit(value: Any, limits: Limits) -> None:
