@@ -158,3 +158,16 @@ def test_python_client_gets_invalid_message_for_limits_the_worker_cannot_honour(
         JobHandle(sent, "rootfs.ping", "a").result(timeout=30)
     assert info.value.task_id == sent.id and not info.value.transient
     assert client.ping(host="a").result(timeout=30) == {"host": "a"}
+
+
+def test_garbage_on_the_control_broadcast_does_not_stop_the_worker(host_a: Host, raw: RawClient) -> None:
+    """PUBLISHed garbage on the pidbox channel (remote control) is dropped; the worker still clones."""
+    pid = host_a.worker.pid
+    channel = "/0.celery.pidbox"  # kombu's fanout topic for Celery's control exchange, database 0
+    # PUBLISH says how many subscribers got it: repeat until the worker's event loop has subscribed.
+    wait_until(lambda: raw.redis.publish(channel, b"[1, 2]") >= 1, what="the worker subscribed", timeout=15, poll=0.2)
+    for item in (b'{"no": "properties"}', b"not json", b"null"):
+        assert raw.redis.publish(channel, item) >= 1
+    wait_until(lambda: _drops(host_a) >= 3, what="the broadcast garbage dropped", timeout=15)
+    _clone_succeeds(raw, "vm-after-broadcast")
+    assert host_a.worker.pid == pid and host_a.worker.proc is not None and host_a.worker.proc.poll() is None
