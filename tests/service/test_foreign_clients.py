@@ -72,7 +72,16 @@ def test_redis_only_client_clones_gets_stack_not_found_and_releases(host_a: Host
         clone = client.call("a", "rootfs.clone_for_vm", {"vm_id": "vm-42", "stack": "base"})
         assert clone["status"] == "SUCCESS"
         assert clone["result"]["path"] == str(host_a.clones_dir / "vm-42" / "rootfs.ext4")
-        assert set(clone["result"]) == {"vm_id", "stack", "path", "source_sha256", "host", "hashed_bytes", "seconds"}
+        assert set(clone["result"]) == {
+            "vm_id",
+            "stack",
+            "path",
+            "source_sha256",
+            "method",
+            "host",
+            "hashed_bytes",
+            "seconds",
+        }
         assert (host_a.clones_dir / "vm-42" / "rootfs.ext4").read_bytes() == b"base-template"
 
         missing = client.call("a", "rootfs.clone_for_vm", {"vm_id": "vm-43", "stack": "nope"})
