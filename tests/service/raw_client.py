@@ -20,8 +20,9 @@ READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 
 
 def queue_for(host: str, task: str) -> str:
-    """docs/protocol.md, "Queues": warm-ups go to the bulk queue, everything else to the host's fast queue."""
-    return f"rootfs.host.{host}.bulk" if task == "rootfs.warm_hashes" else f"rootfs.host.{host}"
+    """docs/protocol.md, "Queues": warm-ups and reconcile go to the bulk queue, the rest to the fast queue."""
+    bulk = task in ("rootfs.warm_hashes", "rootfs.reconcile")
+    return f"rootfs.host.{host}.bulk" if bulk else f"rootfs.host.{host}"
 
 
 def envelope(
