@@ -12,6 +12,7 @@ from worker.errors import (
     CloneInUse,
     FilesystemError,
     InsufficientSpace,
+    InvalidMessage,
     InvalidArgument,
     InvalidStackName,
     InvalidVmId,
@@ -86,6 +87,7 @@ CASES: list[tuple[RootfsError, str, bool]] = [
         True,
     ),
     (VmBusy("vm-1"), "vm 'vm-1' is being cloned or released by another operation", True),
+    (InvalidMessage("abc-123", "not JSON"), "message abc-123 refused: not JSON", False),
 ]
 
 
