@@ -195,3 +195,12 @@ def test_hostile_requests_never_write_outside_clones_nor_touch_templates(
     after = {p for p in tree(root) if not p.startswith("clones")}
     assert after == before_tree
     assert sha256_of(template) == before_sha
+
+
+@pytest.mark.parametrize("value", [7, None, b"base", ["base"]])
+def test_a_stack_name_that_is_not_a_string_says_so(value: object) -> None:
+    """A stack name of the wrong type is refused naming the field, a bounded rendering of the value, and its type."""
+    with pytest.raises(InvalidStackName) as info:
+        check_stack_name(value)
+    reason = f"must be a string, not {type(value).__name__}"
+    assert (info.value.field, info.value.value, info.value.reason) == ("stack", repr(value), reason)
