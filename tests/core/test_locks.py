@@ -198,3 +198,25 @@ def test_lock_files_are_private(tmp_path: Path) -> None:
             assert stat.S_IMODE(path.stat().st_mode) == 0o600
     finally:
         os.umask(old)
+
+
+def test_a_failing_flock_is_a_filesystem_error_and_leaks_no_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """flock refused by the kernel (ENOLCK: out of lock records) is a transient FilesystemError naming the lock
+    file, and the descriptor opened for it is closed."""
+    path = tmp_path / "vm-1.lock"
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(locks.fcntl, "flock", no_locks)
+    with pytest.raises(FilesystemError) as info, locks.exclusive(path):
+        pass
+    assert (info.value.op, info.value.path, info.value.errno) == ("lock", str(path), errno.ENOLCK)
+    assert info.value.transient
+    assert len(os.listdir("/proc/self/fd")) == before
+    monkeypatch.undo()
+    with locks.exclusive(path) as held:
+        assert held is True
