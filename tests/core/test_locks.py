@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 import threading
@@ -211,7 +212,7 @@ def test_a_failing_flock_is_a_filesystem_error_and_leaks_no_descriptor(
         raise OSError(errno.ENOLCK, "No locks available")
 
     before = len(os.listdir("/proc/self/fd"))
-    monkeypatch.setattr(locks.fcntl, "flock", no_locks)
+    monkeypatch.setattr(fcntl, "flock", no_locks)
     with pytest.raises(FilesystemError) as info, locks.exclusive(path):
         pass
     assert (info.value.op, info.value.path, info.value.errno) == ("lock", str(path), errno.ENOLCK)
