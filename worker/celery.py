@@ -13,6 +13,7 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
+from worker.service import connection, signing
 from worker.service.queues import FANOUT_QUEUE, host_queues, worker_queue_names
 from worker.service.request import RootfsTask
 from worker.service.settings import Settings
@@ -35,9 +36,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "health_check_interval": 10,
         "retry_on_timeout": True,
     }
-    return {
+    conf = {
         "broker_url": s.broker_url,
-        "broker_transport": "worker.service.transport:Transport",
+        # Our transport mends a kombu defect (see transport.py); a sentinel:// broker needs its Sentinel twin.
+        "broker_transport": "worker.service.transport:"
+        + ("SentinelTransport" if connection.scheme(s.broker_url) == "sentinel" else "Transport"),
         "result_backend": s.result_backend,
         # JSON only, everywhere: with pickle, anyone who can write to Redis runs code on every host.
         "task_serializer": "json",
@@ -58,10 +61,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
-        "broker_transport_options": transport,
+        "broker_transport_options": {**transport, **connection.sentinel_transport_options(s, s.broker_url)},
         "result_backend_transport_options": {
             "visibility_timeout": s.visibility_timeout,
             "retry_policy": {"max_retries": 30, "interval_start": 0, "interval_step": 1, "interval_max": 5},
+            **connection.sentinel_transport_options(s, s.result_backend),
         },
         # Storing a result reads the old one first, outside the backend's retry_policy: without these a
         # clone that finishes while Redis restarts is lost as "Exception raised outside body".
@@ -94,6 +98,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         },
         "timezone": "UTC",
     }
+    # TLS (broker_use_ssl, redis_backend_use_ssl) and message signing (the auth serializer), when configured.
+    return {**conf, **connection.celery_options(s), **signing.celery_options(s)}
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -103,10 +109,12 @@ def create_app(settings: Settings | None = None) -> Celery:
         app.add_defaults(lambda: celery_config(Settings.from_env(os.environ)))
     else:
         app.conf.update(celery_config(settings))
+    signing.install(app)
     return app
 
 
 app = create_app()
 
 # Worker lifecycle hooks (heartbeat, warm-up on start) are connected by importing the module.
-import worker.service.lifecycle  # noqa: E402,F401
+import worker.service.lifecycle  # noqa: E402
+import worker.service.preflight  # noqa: E402,F401  (start-up check of the Redis settings)

@@ -22,6 +22,7 @@ from kombu import Queue
 from kombu.exceptions import OperationalError
 
 from worker.errors import RemoteError, RootfsError, TaskTimeout
+from worker.service.connection import redis_for_app
 from worker.service.hosts import live_hosts
 from worker.service.queues import host_queues
 
@@ -98,7 +99,7 @@ class RootfsClient:
 
     def hosts(self) -> list[dict[str, Any]]:
         """Hosts whose workers announced themselves within their heartbeat TTL."""
-        client = redis.Redis.from_url(str(self._app.conf.broker_url), socket_connect_timeout=5, socket_timeout=10)
+        client = redis_for_app(self._app.conf)
         try:
             return live_hosts(client)
         finally:

@@ -25,3 +25,14 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]
     Channel = Channel
+
+
+# Sentinel (issue 13): a `sentinel://` broker URL needs kombu's SentinelChannel, which finds the master through
+# the sentinels. Ours is both: the mended Channel above first in the MRO, so every fix made to it applies to
+# Sentinel too, then kombu's SentinelChannel for the pool. Selected in worker/celery.py by the URL's scheme.
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):  # type: ignore[misc]
+    pass
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):  # type: ignore[misc]
+    Channel = SentinelChannel
