@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-import sys
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -82,7 +81,7 @@ def diagnose(url: str, *, tls: dict[str, Any] | None, master_name: str | None) -
         failure = _ssl_failure(exc)
         if failure is not None:
             return (
-                f"TLS to Redis at {shown} failed: {getattr(failure, 'reason', None) or failure}: the server's "
+                f"TLS to Redis at {shown} failed ({failure}): the server's "
                 "certificate must chain to ROOTFS_REDIS_CA (and match its host name); a server that demands a "
                 "client certificate needs ROOTFS_REDIS_CERT and ROOTFS_REDIS_KEY"
             )
@@ -119,7 +118,6 @@ def _check_or_exit(**_: Any) -> None:
         check(runtime.settings())
     except RedisMisconfigured as exc:
         log.critical("cannot start: %s", exc)
-        print(f"rootfs-worker: cannot start: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_MISCONFIGURED) from None
 
 

@@ -1,0 +1,113 @@
+"""Production-shaped Redis for the tests: certificates made with the openssl CLI, a TLS-only server, an ACL server.
+
+Everything runs on loopback, on free ports, in the test's own directory; nothing here touches the machine's Redis.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from worker.dev.processes import RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+ACL_FILE = ROOT / "docs" / "redis-acl.conf"
+
+
+@dataclass(frozen=True)
+class Pem:
+    cert: Path
+    key: Path
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def make_ca(directory: Path, name: str) -> Pem:
+    """A self-signed certificate authority."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pem = Pem(directory / f"{name}.crt", directory / f"{name}.key")
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+        "-keyout", str(pem.key), "-out", str(pem.cert),
+    )  # fmt: skip
+    return pem
+
+
+def make_cert(directory: Path, ca: Pem, name: str, *, ip: str = "127.0.0.1") -> Pem:
+    """A certificate for `name` (and the IP address `ip`), signed by `ca`."""
+    pem = Pem(directory / f"{name}.crt", directory / f"{name}.key")
+    csr = directory / f"{name}.csr"
+    ext = directory / f"{name}.ext"
+    ext.write_text(f"subjectAltName=IP:{ip},DNS:localhost\n")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", str(pem.key), "-out", str(csr))
+    _openssl(
+        "x509", "-req", "-in", str(csr), "-CA", str(ca.cert), "-CAkey", str(ca.key), "-CAcreateserial",
+        "-days", "2", "-out", str(pem.cert), "-extfile", str(ext),
+    )  # fmt: skip
+    return pem
+
+
+@dataclass(frozen=True)
+class TlsRedis:
+    server: RedisServer
+    ca: Pem
+    client: Pem
+
+    @property
+    def url(self) -> str:
+        return f"rediss://127.0.0.1:{self.server.port}/0"
+
+    def env(self) -> dict[str, str]:
+        """What a worker or client on this server sets."""
+        return {
+            "CELERY_BROKER_URL": self.url,
+            "CELERY_RESULT_BACKEND": self.url,
+            "ROOTFS_REDIS_CA": str(self.ca.cert),
+            "ROOTFS_REDIS_CERT": str(self.client.cert),
+            "ROOTFS_REDIS_KEY": str(self.client.key),
+        }
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.server.port,
+            ssl=True,
+            ssl_ca_certs=str(self.ca.cert),
+            ssl_certfile=str(self.client.cert),
+            ssl_keyfile=str(self.client.key),
+        )
+
+
+def start_tls_redis(workdir: Path) -> TlsRedis:
+    """A redis-server that speaks only TLS (no plain port) and demands a client certificate from its CA."""
+    ca = make_ca(workdir / "pki", "fleet-ca")
+    server_pem = make_cert(workdir / "pki", ca, "redis-server")
+    client_pem = make_cert(workdir / "pki", ca, "rootfs-client")
+    port = free_port()
+    holder: list[TlsRedis] = []
+
+    def ready() -> bool:
+        try:
+            return bool(holder[0].redis().ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    server = RedisServer(
+        workdir / "redis",
+        port=port,
+        extra=[
+            # The last `port` wins: no plain port at all; `server.port` is the TLS one.
+            "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(server_pem.cert), "--tls-key-file", str(server_pem.key),
+            "--tls-ca-cert-file", str(ca.cert), "--tls-auth-clients", "yes",
+        ],  # fmt: skip
+        ready=ready,
+    )
+    tls = TlsRedis(server, ca, client_pem)
+    holder.append(tls)
+    server.start()
+    return tls
