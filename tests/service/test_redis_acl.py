@@ -1,0 +1,144 @@
+"""ACL users: docs/redis-acl.conf, loaded verbatim into a real redis-server, is enough for every role and no more."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tests.helpers import wait_until
+from tests.prodredis import ACL_FILE
+from worker.celery import create_app
+from worker.client import RootfsClient
+from worker.dev.processes import CeleryProcess, RedisServer, free_port, worker_env
+from worker.service.preflight import EXIT_MISCONFIGURED
+from worker.service.queues import host_queues
+from worker.service.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+#: The test's own superuser, appended to a copy of the documented file (which turns `default` off).
+ADMIN = "user acl-test-admin on >acl-test-admin ~* &* +@all"
+WORKER = "rootfs-worker:change-me-worker"
+SCHEDULER = "rootfs-scheduler:change-me-scheduler"
+
+
+class AclRedis:
+    def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        users = workdir / "users.acl"
+        users.write_text(ACL_FILE.read_text() + "\n" + ADMIN + "\n")
+        self.port = free_port()
+        self.server = RedisServer(workdir, port=self.port, extra=["--aclfile", str(users)], ready=self._answers)
+
+    def url(self, who: str) -> str:
+        return f"redis://{who}@127.0.0.1:{self.port}/0"
+
+    def admin(self) -> redis.Redis:
+        return redis.Redis(port=self.port, username="acl-test-admin", password="acl-test-admin")
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.admin().ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    def denials(self) -> list[dict[str, Any]]:
+        """ACL LOG: every command, key or channel refused to a user since the last reset."""
+        return [dict(e) for e in self.admin().acl_log()]
+
+
+@pytest.fixture(scope="module")
+def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclRedis]:
+    server = AclRedis(tmp_path_factory.mktemp("acl"))
+    server.server.start()
+    yield server
+    server.server.stop()
+
+
+@pytest.fixture
+def acl(acl_redis: AclRedis) -> AclRedis:
+    admin = acl_redis.admin()
+    admin.flushall()
+    admin.acl_log_reset()
+    return acl_redis
+
+
+def _process(role: str, tmp_path: Path, host: str, url: str, **extra: str) -> CeleryProcess:
+    tdir = tmp_path / host / "templates"
+    (tdir / "base").mkdir(parents=True, exist_ok=True)
+    (tdir / "base" / "rootfs.ext4").write_bytes(b"acl template " * 8192)
+    env = worker_env(
+        broker_url=url,
+        host=host,
+        template_dir=tdir,
+        clones_dir=tmp_path / host / "clones",
+        extra={"ROOTFS_WARM_ON_START": "1", "ROOTFS_HEARTBEAT_INTERVAL": "1", "ROOTFS_RESTORE_INTERVAL": "1", **extra},
+    )
+    args = ["--concurrency", "1", "-n", host] if role == "worker" else ["-s", str(tmp_path / "beat-schedule")]
+    return CeleryProcess(role, env, tmp_path / host / f"{role}.log", args=args)
+
+
+def _client(url: str) -> RootfsClient:
+    env = {"CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": url, "ROOTFS_HOST": "scheduler"}
+    return RootfsClient(create_app(Settings.from_env(env)))
+
+
+def test_the_documented_acls_are_enough_for_worker_beat_and_scheduler(acl: AclRedis, tmp_path: Path) -> None:
+    """Worker, beat and scheduler under the documented users: every job kind works and Redis refused nothing."""
+    worker = _process("worker", tmp_path, "acl-a", acl.url(WORKER)).start()
+    beat = _process("beat", tmp_path, "acl-a", acl.url(WORKER), ROOTFS_WARM_INTERVAL="1").start()
+    try:
+        worker.wait_ready()
+        client = _client(acl.url(SCHEDULER))
+        wait_until(lambda: [h["host"] for h in client.hosts()] == ["acl-a"], what="the heartbeat", timeout=15)
+        progress: list[dict[str, Any]] = []
+        assert [s["name"] for s in client.stacks(host="acl-a").result(timeout=30)] == ["base"]
+        clone = client.clone(host="acl-a", vm_id="vm-1", stack="base").result(timeout=30, on_progress=progress.append)
+        assert Path(clone["path"]).read_bytes() == b"acl template " * 8192
+        assert client.warm(host="acl-a").result(timeout=30)["host"] == "acl-a"
+        assert client.ping(host="acl-a").result(timeout=30) == {"host": "acl-a"}
+        assert client.release(host="acl-a", vm_id="vm-1").result(timeout=30)["released"] is True
+        # The beat's fan-out reached the worker (a warm-up it did not ask for itself).
+        wait_until(lambda: worker.log().count("rootfs.fanout_warm") >= 1, what="a fan-out from the beat", timeout=30)
+        # The unacked sweep has run several times (every second here), and the worker answers remote control.
+        admin_app = create_app(Settings.from_env({"CELERY_BROKER_URL": acl.url(WORKER), "ROOTFS_HOST": "x"}))
+        assert admin_app.control.ping(timeout=2)
+        assert acl.denials() == []
+    finally:
+        beat.stop()
+        worker.stop()
+    assert acl.denials() == []
+
+
+def test_the_scheduler_cannot_take_jobs_from_a_hosts_queue(acl: AclRedis) -> None:
+    """With the scheduler's user a job can be queued but not read, popped, moved or deleted: NOPERM each time."""
+    client = _client(acl.url(SCHEDULER))
+    client.clone(host="acl-b", vm_id="vm-2", stack="base")
+    queue = host_queues("acl-b").fast
+    thief = redis.Redis.from_url(acl.url(SCHEDULER))
+    for attempt in (
+        lambda: thief.rpop(queue),
+        lambda: thief.brpop([queue], timeout=1),
+        lambda: thief.lmove(queue, "mine", "RIGHT", "LEFT"),
+        lambda: thief.lrange(queue, 0, -1),
+        lambda: thief.delete(queue),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            attempt()
+    assert acl.admin().llen(queue) == 1
+    # The worker's user can (the positive case beside the negative one).
+    assert redis.Redis.from_url(acl.url(WORKER)).brpop([queue], timeout=1) is not None
+
+
+def test_a_wrong_password_is_one_clear_error_at_start(acl: AclRedis, tmp_path: Path) -> None:
+    """A worker with a wrong password exits at once with status 78 and one line naming the password problem."""
+    worker = _process("worker", tmp_path, "acl-c", acl.url("rootfs-worker:wrong")).start()
+    assert worker.proc is not None
+    assert worker.proc.wait(timeout=60) == EXIT_MISCONFIGURED
+    log = worker.log()
+    assert log.count("cannot start") == 1 and "refused our user or password" in log
+    assert "change-me" not in log and "wrong@" not in log  # the URL is shown without its password
