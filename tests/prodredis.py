@@ -97,16 +97,16 @@ def start_tls_redis(workdir: Path) -> TlsRedis:
         except (redis.RedisError, OSError):
             return False
 
-    server = RedisServer(
-        workdir / "redis",
-        port=port,
-        extra=[
-            # The last `port` wins: no plain port at all; `server.port` is the TLS one.
-            "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(server_pem.cert), "--tls-key-file", str(server_pem.key),
-            "--tls-ca-cert-file", str(ca.cert), "--tls-auth-clients", "yes",
-        ],  # fmt: skip
-        ready=ready,
-    )
+    tls_args = {
+        "--port": "0",  # the last `port` wins: no plain port at all; `server.port` is the TLS one
+        "--tls-port": str(port),
+        "--tls-cert-file": str(server_pem.cert),
+        "--tls-key-file": str(server_pem.key),
+        "--tls-ca-cert-file": str(ca.cert),
+        "--tls-auth-clients": "yes",
+    }
+    extra = [word for pair in tls_args.items() for word in pair]
+    server = RedisServer(workdir / "redis", port=port, extra=extra, ready=ready)
     tls = TlsRedis(server, ca, client_pem)
     holder.append(tls)
     server.start()
