@@ -111,3 +111,83 @@ def start_tls_redis(workdir: Path) -> TlsRedis:
     holder.append(tls)
     server.start()
     return tls
+
+
+class SentinelGroup:
+    """One master, one replica and three sentinels on loopback, with timeouts short enough for a test.
+
+    down-after 1 s and a 5 s failover timeout: a SIGKILLed master is replaced within a few seconds."""
+
+    MASTER = "rootfs"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.master = RedisServer(workdir / "master")
+        self.replica = RedisServer(workdir / "replica", extra=["--replicaof", "127.0.0.1", str(self.master.port)])
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self._sentinels: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return ";".join(f"sentinel://127.0.0.1:{port}/0" for port in self.sentinel_ports)
+
+    def env(self) -> dict[str, str]:
+        return {
+            "CELERY_BROKER_URL": self.url,
+            "CELERY_RESULT_BACKEND": self.url,
+            "ROOTFS_REDIS_MASTER_NAME": self.MASTER,
+        }
+
+    def start(self) -> SentinelGroup:
+        self.master.start()
+        self.replica.start()
+        for i, port in enumerate(self.sentinel_ports):
+            directory = self.workdir / f"sentinel-{i}"
+            directory.mkdir(parents=True, exist_ok=True)
+            conf = directory / "sentinel.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+                f"sentinel monitor {self.MASTER} 127.0.0.1 {self.master.port} 2\n"
+                f"sentinel down-after-milliseconds {self.MASTER} 1000\n"
+                f"sentinel failover-timeout {self.MASTER} 5000\n"
+                f"sentinel parallel-syncs {self.MASTER} 1\n"
+            )
+            log = (directory / "sentinel.log").open("ab")
+            self._sentinels.append(
+                subprocess.Popen(
+                    ["redis-server", str(conf), "--sentinel"],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        return self
+
+    def sentinel(self, i: int = 0) -> redis.Redis:
+        return redis.Redis(port=self.sentinel_ports[i], socket_timeout=1, decode_responses=True)
+
+    def settled(self) -> bool:
+        """Every sentinel sees the master, its replica and the two other sentinels."""
+        try:
+            for i in range(3):
+                state = self.sentinel(i).sentinel_master(self.MASTER)
+                if int(state["num-slaves"]) < 1 or int(state["num-other-sentinels"]) < 2:
+                    return False
+            return True
+        except (redis.RedisError, OSError):
+            return False
+
+    def master_port(self) -> int | None:
+        try:
+            addr = self.sentinel(0).sentinel_get_master_addr_by_name(self.MASTER)
+        except (redis.RedisError, OSError):
+            return None
+        return int(addr[1]) if addr else None
+
+    def stop(self) -> None:
+        for proc in self._sentinels:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        self.replica.stop(hard=True)
+        self.master.stop(hard=True)

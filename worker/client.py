@@ -10,8 +10,9 @@ a failure that is not ours (a crash, a time limit) as RemoteError; no answer in 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -29,6 +30,10 @@ from worker.service.queues import host_queues
 #: Pause before waiting again when Redis dropped the connection under a waiting client.
 RECONNECT_PAUSE_S = 0.5
 
+#: How long a send keeps trying while Redis is unreachable (a restart, a Sentinel failover), seconds.
+SEND_RETRY_S = 20.0
+SEND_RETRY_PAUSE_S = 0.5
+
 #: Default expiry of a clone job, seconds (see RootfsClient.clone).
 CLONE_EXPIRES_S = 600.0
 
@@ -36,20 +41,43 @@ CLONE_EXPIRES_S = 600.0
 ProgressHandler = Callable[[dict[str, Any]], None]
 
 
-@dataclass(frozen=True)
+@dataclass
 class JobHandle:
     """One job sent to one host."""
 
     result_handle: AsyncResult
     task: str
     host: str
+    #: Sends the same job again, under the same id (see `result(resubmit=...)`); None: not resubmittable.
+    resend: Callable[[], object] | None = field(default=None, repr=False, compare=False)
+    #: How many times `result` sent this job again.
+    resubmitted: int = field(default=0, compare=False)
 
     @property
     def id(self) -> str:
         return str(self.result_handle.id)
 
-    def result(self, *, timeout: float | None = None, on_progress: ProgressHandler | None = None) -> Any:
-        """The job's JSON result; raises its error, or TaskTimeout when none came within `timeout`."""
+    def result(
+        self, *, timeout: float | None = None, on_progress: ProgressHandler | None = None, resubmit: int = 0
+    ) -> Any:
+        """The job's JSON result; raises its error, or TaskTimeout when none came within `timeout`.
+
+        With `resubmit=N`, a job whose result has not come within `timeout` is sent again, up to N times (so the
+        wait is at most (N + 1) x timeout). Redis replicates asynchronously: after a failover the new master may
+        have lost a job, or a result, that the old one had acknowledged; sending it again is safe for an
+        idempotent job (a clone: the per-VM lock and the stamp make a duplicate converge on one disk). The job
+        keeps its id, so whichever copy answers first is the result."""
+        for attempt in range(resubmit + 1):
+            try:
+                return self._wait(timeout, on_progress)
+            except TaskTimeout:
+                if attempt == resubmit or self.resend is None:
+                    raise
+                self.resend()
+                self.resubmitted += 1
+        raise AssertionError("unreachable")
+
+    def _wait(self, timeout: float | None, on_progress: ProgressHandler | None) -> Any:
 
         def on_message(body: dict[str, Any]) -> None:
             if on_progress is not None and body.get("status") == "PROGRESS" and isinstance(body.get("result"), dict):
@@ -82,8 +110,14 @@ class RootfsClient:
 
     def clone(self, *, host: str, vm_id: str, stack: str, expires: float | None = CLONE_EXPIRES_S) -> JobHandle:
         """A clone not started within `expires` seconds is dropped by the worker: a scheduler that waited
-        that long has given up, and a late clone would only leave a disk for a VM that never booted."""
-        return self._send("rootfs.clone_for_vm", host=host, kwargs={"vm_id": vm_id, "stack": stack}, expires=expires)
+        that long has given up, and a late clone would only leave a disk for a VM that never booted.
+
+        Idempotent, so its handle can resubmit it: `.result(timeout=..., resubmit=N)`."""
+        handle = self._send("rootfs.clone_for_vm", host=host, kwargs={"vm_id": vm_id, "stack": stack}, expires=expires)
+        handle.resend = lambda: self._send(
+            "rootfs.clone_for_vm", host=host, kwargs={"vm_id": vm_id, "stack": stack}, expires=expires, job_id=handle.id
+        )
+        return handle
 
     def release(self, *, host: str, vm_id: str) -> JobHandle:
         return self._send("rootfs.release_vm", host=host, kwargs={"vm_id": vm_id})
@@ -106,15 +140,34 @@ class RootfsClient:
             client.close()
 
     def _send(
-        self, task: str, *, host: str, kwargs: dict[str, Any], bulk: bool = False, expires: float | None = None
+        self,
+        task: str,
+        *,
+        host: str,
+        kwargs: dict[str, Any],
+        bulk: bool = False,
+        expires: float | None = None,
+        job_id: str | None = None,
     ) -> JobHandle:
         queues = host_queues(host)
-        handle = self._app.send_task(
-            task,
-            kwargs={**kwargs, "host": host},
-            # A Queue, not a name: a name must be in this app's task_queues, and must not be added there
-            # (task_create_missing_queues is off so that no process ever starts consuming another host's).
-            queue=Queue(queues.bulk if bulk else queues.fast),
-            expires=expires,
-        )
-        return JobHandle(handle, task, host)
+        # The id is chosen here so that a send retried after a lost reply is the same job, not a second one.
+        job_id = job_id or str(uuid.uuid4())
+        deadline = time.monotonic() + SEND_RETRY_S
+        while True:
+            try:
+                handle = self._app.send_task(
+                    task,
+                    kwargs={**kwargs, "host": host},
+                    # A Queue, not a name: a name must be in this app's task_queues, and must not be added there
+                    # (task_create_missing_queues is off so that no process ever starts consuming another host's).
+                    queue=Queue(queues.bulk if bulk else queues.fast),
+                    expires=expires,
+                    task_id=job_id,
+                )
+                return JobHandle(handle, task, host)
+            except OperationalError:
+                # kombu retries a publish only briefly, and not at all when the connection was already lost by a
+                # previous send; a Sentinel failover takes seconds. Keep trying until our own deadline.
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(SEND_RETRY_PAUSE_S)
