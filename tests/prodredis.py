@@ -171,6 +171,7 @@ class SentinelGroup:
         try:
             for i in range(3):
                 state = self.sentinel(i).sentinel_master(self.MASTER)
+                assert isinstance(state, dict)
                 if int(state["num-slaves"]) < 1 or int(state["num-other-sentinels"]) < 2:
                     return False
             return True
@@ -182,7 +183,7 @@ class SentinelGroup:
             addr = self.sentinel(0).sentinel_get_master_addr_by_name(self.MASTER)
         except (redis.RedisError, OSError):
             return None
-        return int(addr[1]) if addr else None
+        return int(addr[1]) if isinstance(addr, tuple) else None
 
     def stop(self) -> None:
         for proc in self._sentinels:
