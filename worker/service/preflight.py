@@ -15,6 +15,7 @@ for a misconfiguration (it never will). So one PING is made first with exactly t
 
 from __future__ import annotations
 
+import glob
 import logging
 import socket
 import ssl
@@ -113,8 +114,20 @@ def check(settings: Settings) -> None:
             raise RedisMisconfigured(problem)
 
 
+def check_signing(settings: Settings) -> None:
+    """Signing on with a missing key, certificate or trust store would refuse every job, silently: refuse to start."""
+    if not settings.signing:
+        return
+    for var, path in (("ROOTFS_SIGNING_KEY", settings.signing_key), ("ROOTFS_SIGNING_CERT", settings.signing_cert)):
+        if path is None or not path.is_file():
+            raise RedisMisconfigured(f"{var}={path} is not a readable file")
+    if not glob.glob(settings.signing_trusted):
+        raise RedisMisconfigured(f"ROOTFS_SIGNING_TRUSTED={settings.signing_trusted!r} matches no certificate")
+
+
 def _check_or_exit(**_: Any) -> None:
     try:
+        check_signing(runtime.settings())
         check(runtime.settings())
     except RedisMisconfigured as exc:
         log.critical("cannot start: %s", exc)

@@ -17,8 +17,9 @@ from celery import Celery
 
 from worker.service.settings import Settings
 
-#: Content types a signing process still understands: `auth` for jobs and results, JSON for task events.
-ALLOWED_SERIALIZERS = ["auth", "json"]
+#: Serializers left enabled besides `auth` (which setup_security registers after disabling the others): JSON,
+#: which the signed envelope wraps and task events use. Naming `auth` here fails: it is not registered yet.
+ALLOWED_SERIALIZERS = ["json"]
 
 
 def celery_options(settings: Settings) -> dict[str, Any]:
@@ -44,4 +45,7 @@ def install(app: Celery) -> None:
         if sender.conf.task_serializer == "auth":
             sender.setup_security(allowed_serializers=ALLOWED_SERIALIZERS, serializer="json")
 
-    app.on_after_configure.connect(setup, weak=False)
+    if app.configured:  # conf.update on a new app may already have loaded it
+        setup(app)
+    else:
+        app.on_after_configure.connect(setup, weak=False)
