@@ -5,16 +5,38 @@ Everything runs on loopback, on free ports, in the test's own directory; nothing
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import subprocess
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 
+from worker.celery import create_app
+from worker.client import RootfsClient
 from worker.dev.processes import RedisServer, free_port
+from worker.service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 ACL_FILE = ROOT / "docs" / "redis-acl.conf"
+
+
+@contextlib.contextmanager
+def client_for(env: Mapping[str, str]) -> Iterator[RootfsClient]:
+    """A scheduler's client configured from `env`, shut before the test's servers are: otherwise each result it
+    still tracks tries, when garbage-collected, to unsubscribe from a server that is gone (30 retries each)."""
+    app = create_app(Settings.from_env({"ROOTFS_HOST": "scheduler", **env}))
+    try:
+        yield RootfsClient(app)
+    finally:
+        gc.collect()  # results dropped by the test unsubscribe now, while their server still answers
+        consumer = getattr(app.backend, "result_consumer", None)
+        if consumer is not None:
+            consumer.stop()
+            consumer._pubsub = None  # nothing left to unsubscribe from
+        app.close()
 
 
 @dataclass(frozen=True)
@@ -152,15 +174,15 @@ class SentinelGroup:
                 f"sentinel failover-timeout {self.MASTER} 5000\n"
                 f"sentinel parallel-syncs {self.MASTER} 1\n"
             )
-            log = (directory / "sentinel.log").open("ab")
-            self._sentinels.append(
-                subprocess.Popen(
-                    ["redis-server", str(conf), "--sentinel"],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
+            with (directory / "sentinel.log").open("ab") as log:  # the child keeps its own copy of the fd
+                self._sentinels.append(
+                    subprocess.Popen(
+                        ["redis-server", str(conf), "--sentinel"],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
                 )
-            )
         return self
 
     def sentinel(self, i: int = 0) -> redis.Redis:

@@ -11,8 +11,8 @@ import redis
 
 from tests.helpers import wait_until
 from tests.prodredis import ACL_FILE
+from tests.service.conftest import MakeClient
 from worker.celery import create_app
-from worker.client import RootfsClient
 from worker.dev.processes import CeleryProcess, RedisServer, free_port, worker_env
 from worker.service.preflight import EXIT_MISCONFIGURED
 from worker.service.queues import host_queues
@@ -82,18 +82,19 @@ def _process(role: str, tmp_path: Path, host: str, url: str, **extra: str) -> Ce
     return CeleryProcess(role, env, tmp_path / host / f"{role}.log", args=args)
 
 
-def _client(url: str) -> RootfsClient:
-    env = {"CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": url, "ROOTFS_HOST": "scheduler"}
-    return RootfsClient(create_app(Settings.from_env(env)))
+def _env(url: str) -> dict[str, str]:
+    return {"CELERY_BROKER_URL": url, "CELERY_RESULT_BACKEND": url}
 
 
-def test_the_documented_acls_are_enough_for_worker_beat_and_scheduler(acl: AclRedis, tmp_path: Path) -> None:
+def test_the_documented_acls_are_enough_for_worker_beat_and_scheduler(
+    acl: AclRedis, tmp_path: Path, make_client: MakeClient
+) -> None:
     """Worker, beat and scheduler under the documented users: every job kind works and Redis refused nothing."""
     worker = _process("worker", tmp_path, "acl-a", acl.url(WORKER)).start()
     beat = _process("beat", tmp_path, "acl-a", acl.url(WORKER), ROOTFS_WARM_INTERVAL="1").start()
     try:
         worker.wait_ready()
-        client = _client(acl.url(SCHEDULER))
+        client = make_client(_env(acl.url(SCHEDULER)))
         wait_until(lambda: [h["host"] for h in client.hosts()] == ["acl-a"], what="the heartbeat", timeout=15)
         progress: list[dict[str, Any]] = []
         assert [s["name"] for s in client.stacks(host="acl-a").result(timeout=30)] == ["base"]
@@ -106,7 +107,10 @@ def test_the_documented_acls_are_enough_for_worker_beat_and_scheduler(acl: AclRe
         wait_until(lambda: worker.log().count("rootfs.fanout_warm") >= 1, what="a fan-out from the beat", timeout=30)
         # The unacked sweep has run several times (every second here), and the worker answers remote control.
         admin_app = create_app(Settings.from_env({"CELERY_BROKER_URL": acl.url(WORKER), "ROOTFS_HOST": "x"}))
-        assert admin_app.control.ping(timeout=2)
+        try:
+            assert admin_app.control.ping(timeout=2)
+        finally:
+            admin_app.close()
         assert acl.denials() == []
     finally:
         beat.stop()
@@ -114,9 +118,9 @@ def test_the_documented_acls_are_enough_for_worker_beat_and_scheduler(acl: AclRe
     assert acl.denials() == []
 
 
-def test_the_scheduler_cannot_take_jobs_from_a_hosts_queue(acl: AclRedis) -> None:
+def test_the_scheduler_cannot_take_jobs_from_a_hosts_queue(acl: AclRedis, make_client: MakeClient) -> None:
     """With the scheduler's user a job can be queued but not read, popped, moved or deleted: NOPERM each time."""
-    client = _client(acl.url(SCHEDULER))
+    client = make_client(_env(acl.url(SCHEDULER)))
     client.clone(host="acl-b", vm_id="vm-2", stack="base")
     queue = host_queues("acl-b").fast
     thief = redis.Redis.from_url(acl.url(SCHEDULER))

@@ -13,13 +13,12 @@ import redis
 
 from tests.helpers import wait_until
 from tests.prodredis import SentinelGroup
+from tests.service.conftest import MakeClient
 from tests.workers import StartHost
-from worker.celery import create_app
 from worker.client import JobHandle, RootfsClient
 from worker.dev.processes import CeleryProcess, worker_env
 from worker.errors import TaskTimeout
 from worker.service.queues import host_queues
-from worker.service.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +37,9 @@ def group(tmp_path: Path) -> Iterator[SentinelGroup]:
         g.stop()
 
 
-def test_a_burst_of_clones_survives_a_sentinel_failover(group: SentinelGroup, tmp_path: Path) -> None:
+def test_a_burst_of_clones_survives_a_sentinel_failover(
+    group: SentinelGroup, tmp_path: Path, make_client: MakeClient
+) -> None:
     """Master SIGKILLed mid-burst: all 50 VMs get their clone and a result; worker and beat keep running."""
     tdir = tmp_path / "templates"
     (tdir / "base").mkdir(parents=True)
@@ -63,7 +64,7 @@ def test_a_burst_of_clones_survives_a_sentinel_failover(group: SentinelGroup, tm
     beat.start()
     try:
         worker.wait_ready()
-        client = RootfsClient(create_app(Settings.from_env({**group.env(), "ROOTFS_HOST": "scheduler"})))
+        client = make_client(group.env())
         wait_until(lambda: [h["host"] for h in client.hosts()] == [HOST], what="the heartbeat", timeout=20)
         old_master = group.master_port()
         assert old_master == group.master.port

@@ -9,12 +9,10 @@ import pytest
 
 from tests.helpers import wait_until
 from tests.prodredis import TlsRedis, make_ca, make_cert, start_tls_redis
-from worker.celery import create_app
-from worker.client import RootfsClient
+from tests.service.conftest import MakeClient
 from worker.dev.processes import CeleryProcess, worker_env
 from worker.service.preflight import EXIT_MISCONFIGURED
 from worker.service.queues import host_queues
-from worker.service.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -48,16 +46,14 @@ def _worker(tmp_path: Path, host: str, env: dict[str, str]) -> CeleryProcess:
     return CeleryProcess("worker", wenv, tmp_path / host / "worker.log", args=["--concurrency", "1", "-n", host])
 
 
-def _client(env: dict[str, str]) -> RootfsClient:
-    return RootfsClient(create_app(Settings.from_env({**env, "ROOTFS_HOST": "scheduler"})))
-
-
-def test_clone_release_heartbeat_and_results_all_go_over_tls(clean: TlsRedis, tmp_path: Path) -> None:
+def test_clone_release_heartbeat_and_results_all_go_over_tls(
+    clean: TlsRedis, tmp_path: Path, make_client: MakeClient
+) -> None:
     """On a Redis with no plain port, a worker and a client with the CA and a client cert clone, release, see hosts."""
     worker = _worker(tmp_path, "tls-a", clean.env()).start()
     try:
         worker.wait_ready()
-        client = _client(clean.env())
+        client = make_client(clean.env())
         wait_until(lambda: [h["host"] for h in client.hosts()] == ["tls-a"], what="the TLS heartbeat", timeout=15)
         result = client.clone(host="tls-a", vm_id="vm-1", stack="base").result(timeout=30)
         disk = Path(result["path"])
@@ -70,9 +66,11 @@ def test_clone_release_heartbeat_and_results_all_go_over_tls(clean: TlsRedis, tm
         worker.stop()
 
 
-def test_a_server_certificate_from_another_ca_is_refused_and_no_job_taken(clean: TlsRedis, tmp_path: Path) -> None:
+def test_a_server_certificate_from_another_ca_is_refused_and_no_job_taken(
+    clean: TlsRedis, tmp_path: Path, make_client: MakeClient
+) -> None:
     """A worker trusting another CA exits at once naming the certificate failure; the queued job stays queued."""
-    client = _client(clean.env())
+    client = make_client(clean.env())
     client.clone(host="tls-b", vm_id="vm-2", stack="base")
     queue = host_queues("tls-b").fast
     assert clean.redis().llen(queue) == 1

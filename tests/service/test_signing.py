@@ -14,11 +14,9 @@ import pytest
 
 from tests.helpers import wait_until
 from tests.prodredis import ROOT, Pem, make_ca, make_cert
+from tests.service.conftest import MakeClient
 from tests.workers import StartHost
-from worker.celery import create_app
-from worker.client import RootfsClient
 from worker.service.queues import host_queues
-from worker.service.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -55,16 +53,16 @@ def _send(redis_url: str, task: str, queue: str, kwargs: dict[str, str], env: di
     )
 
 
-def test_only_jobs_signed_by_a_trusted_key_run(start_host: StartHost, redis_url: str, pki: dict[str, Any]) -> None:
+def test_only_jobs_signed_by_a_trusted_key_run(
+    start_host: StartHost, redis_url: str, pki: dict[str, Any], make_client: MakeClient
+) -> None:
     """Unsigned and foreign-signed release_vm jobs are refused and logged, the disk stays; a signed one releases."""
     trusted = pki["trusted"]
     host = start_host(env=_signing_env(pki["worker"], trusted))
     host.template("base", b"signed " * 1024)
-    settings = Settings.from_env(
-        {"CELERY_BROKER_URL": redis_url, "CELERY_RESULT_BACKEND": redis_url, "ROOTFS_HOST": "scheduler"}
-        | _signing_env(pki["scheduler"], trusted)
+    client = make_client(
+        {"CELERY_BROKER_URL": redis_url, "CELERY_RESULT_BACKEND": redis_url} | _signing_env(pki["scheduler"], trusted)
     )
-    client = RootfsClient(create_app(settings))
     disk = Path(client.clone(host=host.name, vm_id="vm-1", stack="base").result(timeout=30)["path"])
     assert disk.exists()
 
