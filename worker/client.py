@@ -9,6 +9,7 @@ a failure that is not ours (a crash, a time limit) as RemoteError; no answer in 
 
 from __future__ import annotations
 
+import ssl
 import time
 import uuid
 from collections.abc import Callable
@@ -23,8 +24,9 @@ from kombu import Queue
 from kombu.exceptions import OperationalError
 
 from worker.errors import RemoteError, RootfsError, TaskTimeout
-from worker.service.connection import redis_for_app
+from worker.service.connection import redis_for_app, scheme
 from worker.service.hosts import live_hosts
+from worker.service.preflight import diagnose
 from worker.service.queues import host_queues
 
 #: Pause before waiting again when Redis dropped the connection under a waiting client.
@@ -107,6 +109,24 @@ class JobHandle:
 class RootfsClient:
     def __init__(self, app: Celery) -> None:
         self._app = app
+        self._redis_checked = False
+
+    def _check_redis(self) -> None:
+        """Before the first send, one PING to the broker and the result backend with the app's settings: a refused
+        password, ACL or certificate is raised at once as OperationalError with a clear sentence, instead of
+        after Celery's reconnection retries (minutes: the result backend subscribes before the job is sent)."""
+        if self._redis_checked:
+            return
+        conf = self._app.conf
+        for url, tls, transport in (
+            (conf.broker_url, conf.broker_use_ssl, conf.broker_transport_options),
+            (conf.result_backend, conf.redis_backend_use_ssl, conf.result_backend_transport_options),
+        ):
+            if scheme(str(url)) in ("redis", "rediss", "sentinel"):
+                problem = diagnose(str(url), tls=tls or None, master_name=(transport or {}).get("master_name"))
+                if problem is not None:
+                    raise OperationalError(problem)
+        self._redis_checked = True
 
     def clone(self, *, host: str, vm_id: str, stack: str, expires: float | None = CLONE_EXPIRES_S) -> JobHandle:
         """A clone not started within `expires` seconds is dropped by the worker: a scheduler that waited
@@ -149,6 +169,7 @@ class RootfsClient:
         expires: float | None = None,
         job_id: str | None = None,
     ) -> JobHandle:
+        self._check_redis()
         queues = host_queues(host)
         # The id is chosen here so that a send retried after a lost reply is the same job, not a second one.
         job_id = job_id or str(uuid.uuid4())
@@ -165,9 +186,22 @@ class RootfsClient:
                     task_id=job_id,
                 )
                 return JobHandle(handle, task, host)
-            except OperationalError:
+            except OperationalError as exc:
                 # kombu retries a publish only briefly, and not at all when the connection was already lost by a
-                # previous send; a Sentinel failover takes seconds. Keep trying until our own deadline.
-                if time.monotonic() >= deadline:
+                # previous send; a Sentinel failover takes seconds. Keep trying until our own deadline, unless
+                # Redis said the settings are wrong (password, ACL, certificate): that will not pass.
+                if time.monotonic() >= deadline or _misconfigured(exc):
                     raise
                 time.sleep(SEND_RETRY_PAUSE_S)
+
+
+def _misconfigured(exc: BaseException) -> bool:
+    """Whether a send failed on our settings (refused credentials or rights, a certificate), not on an outage."""
+    seen: BaseException | None = exc
+    for _ in range(6):
+        if seen is None:
+            return False
+        if isinstance(seen, (redis.AuthenticationError, redis.exceptions.NoPermissionError, ssl.SSLError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

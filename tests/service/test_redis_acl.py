@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import redis
+from kombu.exceptions import OperationalError
 
 from tests.helpers import wait_until
 from tests.prodredis import ACL_FILE
@@ -138,11 +139,30 @@ def test_the_scheduler_cannot_take_jobs_from_a_hosts_queue(acl: AclRedis, make_c
     assert redis.Redis.from_url(acl.url(WORKER)).brpop([queue], timeout=1) is not None
 
 
-def test_a_wrong_password_is_one_clear_error_at_start(acl: AclRedis, tmp_path: Path) -> None:
-    """A worker with a wrong password exits at once with status 78 and one line naming the password problem."""
-    worker = _process("worker", tmp_path, "acl-c", acl.url("rootfs-worker:wrong")).start()
-    assert worker.proc is not None
-    assert worker.proc.wait(timeout=60) == EXIT_MISCONFIGURED
-    log = worker.log()
-    assert log.count("cannot start") == 1 and "refused our user or password" in log
-    assert "change-me" not in log and "wrong@" not in log  # the URL is shown without its password
+def test_a_wrong_password_is_one_clear_error_at_start(
+    acl: AclRedis, tmp_path: Path, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker and beat with a wrong password exit with status 78 and one line each; a client fails its first send."""
+    wrong = acl.url("rootfs-worker:wrong")
+    worker = _process("worker", tmp_path, "acl-c", wrong).start()
+    beat = _process("beat", tmp_path, "acl-c", wrong).start()
+    for proc in (worker, beat):
+        assert proc.proc is not None
+        assert proc.proc.wait(timeout=60) == EXIT_MISCONFIGURED
+        log = proc.log()
+        assert log.count("cannot start") == 1 and "refused our user or password" in log
+        assert "change-me" not in log and "wrong@" not in log  # the URL is shown without its password
+    # The scheduler's client does not retry a refused password as it would an outage: it says so, sends nothing.
+    client = make_client(_env(wrong))
+    sends: list[str] = []
+    real_send = client._app.send_task
+
+    def counting_send(name: str, *args: Any, **kwargs: Any) -> Any:
+        sends.append(name)
+        return real_send(name, *args, **kwargs)
+
+    monkeypatch.setattr(client._app, "send_task", counting_send)
+    with pytest.raises(OperationalError, match="refused our user or password"):
+        client.clone(host="acl-c", vm_id="vm-3", stack="base")
+    assert sends == []
+    assert make_client(_env(acl.url(SCHEDULER))).ping(host="acl-c").id  # the right password sends
