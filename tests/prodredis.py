@@ -75,6 +75,49 @@ def make_cert(directory: Path, ca: Pem, name: str, *, ip: str = "127.0.0.1") -> 
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """A CA, a server certificate and a client certificate (the test's PKI for one Redis deployment)."""
+
+    ca: Pem
+    server: Pem
+    client: Pem
+
+    def files(self) -> dict[str, str]:
+        """The server side's TLS files, as redis-server arguments (sentinels reuse them to reach the masters)."""
+        return {
+            "--tls-cert-file": str(self.server.cert),
+            "--tls-key-file": str(self.server.key),
+            "--tls-ca-cert-file": str(self.ca.cert),
+        }
+
+    def server_args(self) -> list[str]:
+        return [word for pair in self.files().items() for word in pair] + ["--tls-auth-clients", "yes"]
+
+    def client_env(self) -> dict[str, str]:
+        return {
+            "ROOTFS_REDIS_CA": str(self.ca.cert),
+            "ROOTFS_REDIS_CERT": str(self.client.cert),
+            "ROOTFS_REDIS_KEY": str(self.client.key),
+        }
+
+    def redis(self, port: int, *, decode_responses: bool = False) -> redis.Redis:
+        return redis.Redis(
+            port=port,
+            decode_responses=decode_responses,
+            ssl=True,
+            ssl_ca_certs=str(self.ca.cert),
+            ssl_certfile=str(self.client.cert),
+            ssl_keyfile=str(self.client.key),
+            socket_timeout=1,
+        )
+
+
+def make_tls_files(directory: Path) -> TlsFiles:
+    ca = make_ca(directory, "fleet-ca")
+    return TlsFiles(ca, make_cert(directory, ca, "redis-server"), make_cert(directory, ca, "rootfs-client"))
+
+
+@dataclass(frozen=True)
 class TlsRedis:
     server: RedisServer
     ca: Pem
@@ -142,23 +185,54 @@ class SentinelGroup:
 
     MASTER = "rootfs"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, tls: bool = False) -> None:
+        """With `tls`, master, replica and sentinels speak only TLS (replication and sentinel links too) and
+        demand client certificates."""
         self.workdir = workdir
-        self.master = RedisServer(workdir / "master")
-        self.replica = RedisServer(workdir / "replica", extra=["--replicaof", "127.0.0.1", str(self.master.port)])
+        self.tls: TlsFiles | None = None
+        tls_args: list[str] = []
+        if tls:
+            self.tls = make_tls_files(workdir / "pki")
+            tls_args = [*self.tls.server_args(), "--tls-replication", "yes"]
+        master_port, replica_port = free_port(), free_port()
+        ready = self._tls_ready if tls else None
+        self.master = RedisServer(
+            workdir / "master", port=master_port, extra=self._port_args(master_port) + tls_args, ready=ready
+        )
+        self.replica = RedisServer(
+            workdir / "replica",
+            port=replica_port,
+            extra=[*self._port_args(replica_port), *tls_args, "--replicaof", "127.0.0.1", str(master_port)],
+            ready=ready,
+        )
         self.sentinel_ports = [free_port() for _ in range(3)]
         self._sentinels: list[subprocess.Popen[bytes]] = []
+
+    def _port_args(self, port: int) -> list[str]:
+        return ["--port", "0", "--tls-port", str(port)] if self.tls else []
+
+    def _tls_ready(self) -> bool:
+        assert self.tls is not None
+        try:
+            # Whichever server is starting: both answer on their own port; master first, then the replica.
+            for server in (self.master, self.replica):
+                if server.proc is not None and not self.tls.redis(server.port).ping():
+                    return False
+            return True
+        except (redis.RedisError, OSError):
+            return False
 
     @property
     def url(self) -> str:
         return ";".join(f"sentinel://127.0.0.1:{port}/0" for port in self.sentinel_ports)
 
     def env(self) -> dict[str, str]:
-        return {
+        env = {
             "CELERY_BROKER_URL": self.url,
             "CELERY_RESULT_BACKEND": self.url,
             "ROOTFS_REDIS_MASTER_NAME": self.MASTER,
         }
+        return env | (self.tls.client_env() if self.tls else {})
 
     def start(self) -> SentinelGroup:
         self.master.start()
@@ -168,12 +242,15 @@ class SentinelGroup:
             directory.mkdir(parents=True, exist_ok=True)
             conf = directory / "sentinel.conf"
             conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {directory}\n"
+                (f"port 0\ntls-port {port}\ntls-auth-clients yes\n" if self.tls else f"port {port}\n")
+                + f"bind 127.0.0.1\ndir {directory}\n"
                 f"sentinel monitor {self.MASTER} 127.0.0.1 {self.master.port} 2\n"
                 f"sentinel down-after-milliseconds {self.MASTER} 1000\n"
                 f"sentinel failover-timeout {self.MASTER} 5000\n"
                 f"sentinel parallel-syncs {self.MASTER} 1\n"
-            )
+                + ("tls-replication yes\n" + "".join(f"{k[2:]} {v}\n" for k, v in self.tls.files().items())
+                   if self.tls else "")
+            )  # fmt: skip
             with (directory / "sentinel.log").open("ab") as log:  # the child keeps its own copy of the fd
                 self._sentinels.append(
                     subprocess.Popen(
@@ -186,7 +263,10 @@ class SentinelGroup:
         return self
 
     def sentinel(self, i: int = 0) -> redis.Redis:
-        return redis.Redis(port=self.sentinel_ports[i], socket_timeout=1, decode_responses=True)
+        port = self.sentinel_ports[i]
+        if self.tls is None:
+            return redis.Redis(port=port, socket_timeout=1, decode_responses=True)
+        return self.tls.redis(port, decode_responses=True)
 
     def settled(self) -> bool:
         """Every sentinel sees the master, its replica and the two other sentinels."""

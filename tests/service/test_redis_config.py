@@ -85,6 +85,26 @@ def test_sentinel_urls_select_the_sentinel_transport_and_name_the_master_everywh
     assert pool.connection_kwargs["db"] == 2
 
 
+def test_a_ca_with_sentinel_urls_puts_sentinels_and_masters_on_tls() -> None:
+    """sentinel:// plus ROOTFS_REDIS_CA: broker, backend, sentinels and our own client all verify against the CA."""
+    s = _settings(
+        CELERY_BROKER_URL=SENTINELS,
+        CELERY_RESULT_BACKEND=SENTINELS,
+        ROOTFS_REDIS_MASTER_NAME="rootfs",
+        ROOTFS_REDIS_CA="/ca.pem",
+    )
+    conf = celery_config(s)
+    assert conf["broker_use_ssl"]["ssl_ca_certs"] == conf["redis_backend_use_ssl"]["ssl_ca_certs"] == "/ca.pem"
+    for options in (conf["broker_transport_options"], conf["result_backend_transport_options"]):
+        assert options["sentinel_kwargs"]["ssl"] is True
+        assert options["sentinel_kwargs"]["ssl_cert_reqs"] == ssl.CERT_REQUIRED
+    pool = redis_for(s).connection_pool
+    assert pool.connection_kwargs["ssl_ca_certs"] == "/ca.pem"
+    assert all(
+        c.connection_pool.connection_kwargs["ssl_ca_certs"] == "/ca.pem" for c in pool.sentinel_manager.sentinels
+    )
+
+
 def test_signing_settings_sign_jobs_and_results_and_accept_nothing_else(tmp_path: Path) -> None:
     """With signing on, jobs and results use the auth serializer and only auth content is accepted."""
     s = _settings(ROOTFS_SIGNING_KEY="/k", ROOTFS_SIGNING_CERT="/c", ROOTFS_SIGNING_TRUSTED="/t/*.pem")

@@ -117,3 +117,43 @@ def test_a_clone_whose_job_was_lost_is_resubmitted_and_answers(
     result = lost.result(timeout=5, resubmit=2)
     assert result["vm_id"] == "vm-lost" and lost.resubmitted == 1
     assert (host.clones_dir / "vm-lost" / "rootfs.ext4").read_bytes() == b"resubmit " * 1024
+
+
+@pytest.fixture
+def tls_group(tmp_path: Path) -> Iterator[SentinelGroup]:
+    g = SentinelGroup(tmp_path / "redis", tls=True).start()
+    try:
+        wait_until(g.settled, what="three sentinels agreeing on a TLS master and replica", timeout=30, poll=0.2)
+        yield g
+    finally:
+        g.stop()
+
+
+def test_sentinel_with_tls_masters_clones_before_and_after_a_failover(
+    tls_group: SentinelGroup, tmp_path: Path, make_client: MakeClient
+) -> None:
+    """Sentinels in clear, TLS-only masters demanding client certs: a clone works, and again after a failover."""
+    g = tls_group
+    tdir = tmp_path / "templates"
+    (tdir / "base").mkdir(parents=True)
+    (tdir / "base" / "rootfs.ext4").write_bytes(b"tls sentinel " * 1024)
+    env = worker_env(
+        broker_url=g.url,
+        host=HOST,
+        template_dir=tdir,
+        clones_dir=tmp_path / "clones",
+        extra={**g.env(), "ROOTFS_WARM_ON_START": "0", "ROOTFS_HEARTBEAT_INTERVAL": "1"},
+    )
+    worker = CeleryProcess("worker", env, tmp_path / "worker.log", args=["--concurrency", "1", "-n", HOST]).start()
+    try:
+        worker.wait_ready()
+        client = make_client(g.env())
+        assert client.clone(host=HOST, vm_id="vm-a", stack="base").result(timeout=30, resubmit=1)["vm_id"] == "vm-a"
+        assert g.master.proc is not None
+        os.kill(g.master.proc.pid, signal.SIGKILL)
+        wait_until(lambda: g.master_port() == g.replica.port, what="the failover", timeout=30, poll=0.2)
+        assert client.clone(host=HOST, vm_id="vm-b", stack="base").result(timeout=30, resubmit=1)["vm_id"] == "vm-b"
+        wait_until(lambda: [h["host"] for h in client.hosts()] == [HOST], what="heartbeat on the new master")
+        assert worker.proc is not None and worker.proc.poll() is None
+    finally:
+        worker.stop()

@@ -42,13 +42,18 @@ def celery_options(settings: Settings) -> dict[str, Any]:
     """The Celery settings that carry TLS and Sentinel for the broker and the result backend.
 
     Transport options (`master_name`) are merged into the app's own by the caller."""
-    tls = tls_options(settings)
     conf: dict[str, Any] = {}
-    if scheme(settings.broker_url) == "rediss":
-        conf["broker_use_ssl"] = tls
-    if scheme(settings.result_backend) == "rediss":
-        conf["redis_backend_use_ssl"] = tls
+    if uses_tls(settings, settings.broker_url):
+        conf["broker_use_ssl"] = tls_options(settings)
+    if uses_tls(settings, settings.result_backend):
+        conf["redis_backend_use_ssl"] = tls_options(settings)
     return conf
+
+
+def uses_tls(settings: Settings, url: str) -> bool:
+    """rediss:// always (Settings.check demands the CA); sentinel:// when a CA is given: sentinels and masters
+    are then reached over TLS (the masters through kombu's and Celery's SentinelManagedSSLConnection)."""
+    return scheme(url) == "rediss" or (scheme(url) == "sentinel" and settings.redis_ca is not None)
 
 
 def sentinel_transport_options(settings: Settings, url: str) -> dict[str, Any]:
@@ -56,10 +61,13 @@ def sentinel_transport_options(settings: Settings, url: str) -> dict[str, Any]:
     the sentinels themselves get short timeouts, so a dead sentinel is skipped quickly during a failover."""
     if scheme(url) != "sentinel":
         return {}
-    return {
-        "master_name": settings.redis_master_name,
-        "sentinel_kwargs": {"socket_connect_timeout": 1.0, "socket_timeout": 1.0},
-    }
+    return {"master_name": settings.redis_master_name, "sentinel_kwargs": sentinel_kwargs(tls_options(settings))}
+
+
+def sentinel_kwargs(tls: Mapping[str, Any] | None) -> dict[str, Any]:
+    """How to talk to the sentinels themselves: short timeouts, and TLS when the deployment uses it (Redis links
+    sentinels to each other and to the masters with the same TLS setting, so TLS masters mean TLS sentinels)."""
+    return {"socket_connect_timeout": 1.0, "socket_timeout": 1.0, **({"ssl": True, **tls} if tls else {})}
 
 
 def make_redis(
@@ -86,10 +94,10 @@ def make_redis(
         "username": unquote(first.username) if first.username else None,
         "password": unquote(first.password) if first.password else None,
     }
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        sentinels, sentinel_kwargs={"socket_connect_timeout": 1.0, "socket_timeout": 1.0}, **common, db=db
-    )
-    client: redis.Redis = sentinel.master_for(master_name, **auth)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs(tls), **common, db=db)  # type: ignore[no-untyped-call]
+    # The master's connections: redis-py's SentinelManagedSSLConnection when TLS is on.
+    master_tls = {"ssl": True, **tls} if tls else {}
+    client: redis.Redis = sentinel.master_for(master_name, **auth, **master_tls)  # type: ignore[no-untyped-call]
     return client
 
 
@@ -98,7 +106,7 @@ def redis_for(settings: Settings) -> redis.Redis:
     url = settings.broker_url
     return make_redis(
         url,
-        tls=tls_options(settings) if scheme(url) == "rediss" else None,
+        tls=tls_options(settings) if uses_tls(settings, url) else None,
         master_name=settings.redis_master_name if scheme(url) == "sentinel" else None,
     )
 

@@ -27,7 +27,7 @@ from celery.signals import beat_init, worker_init
 from kombu.utils.url import maybe_sanitize_url
 
 from worker.service import runtime
-from worker.service.connection import make_redis, scheme, tls_options
+from worker.service.connection import make_redis, scheme, tls_options, uses_tls
 from worker.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def check(settings: Settings) -> None:
     for url in dict.fromkeys((settings.broker_url, settings.result_backend)):
         problem = diagnose(
             url,
-            tls=tls_options(settings) if scheme(url) == "rediss" else None,
+            tls=tls_options(settings) if uses_tls(settings, url) else None,
             master_name=settings.redis_master_name if scheme(url) == "sentinel" else None,
         )
         if problem is not None:

@@ -153,7 +153,7 @@ SETTINGS: tuple[Setting[Any], ...] = (
         "redis_ca",
         optional_path,
         None,
-        "CA bundle the Redis server's certificate must chain to; required by (and only allowed with) `rediss://`",
+        "CA the Redis server's certificate must chain to; required by `rediss://`, turns TLS on for `sentinel://`",
         "unset",
     ),
     Setting(
@@ -338,13 +338,8 @@ class Settings:
                 raise ValueError(f"{var} is rediss:// but ROOTFS_REDIS_CA is unset: the server could not be verified")
             if scheme == "redis" and self.redis_ca is not None:
                 raise ValueError(f"ROOTFS_REDIS_CA is set but {var} is redis:// (clear text): use rediss://")
-            if scheme == "sentinel":
-                if not self.redis_master_name:
-                    raise ValueError(f"{var} is sentinel:// but ROOTFS_REDIS_MASTER_NAME is unset")
-                if self.redis_ca is not None:
-                    raise ValueError(
-                        "TLS through Sentinel is not supported (untested): use rediss://, or sentinel:// alone"
-                    )
+            if scheme == "sentinel" and not self.redis_master_name:
+                raise ValueError(f"{var} is sentinel:// but ROOTFS_REDIS_MASTER_NAME is unset")
         urls = (self.broker_url, self.result_backend)
         if self.redis_master_name and not any(u.lower().startswith("sentinel://") for u in urls):
             raise ValueError("ROOTFS_REDIS_MASTER_NAME is set but neither URL is sentinel://")
