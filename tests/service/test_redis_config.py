@@ -99,10 +99,9 @@ def test_a_ca_with_sentinel_urls_puts_sentinels_and_masters_on_tls() -> None:
         assert options["sentinel_kwargs"]["ssl"] is True
         assert options["sentinel_kwargs"]["ssl_cert_reqs"] == ssl.CERT_REQUIRED
     pool = redis_for(s).connection_pool
-    assert pool.connection_kwargs["ssl_ca_certs"] == "/ca.pem"
-    assert all(
-        c.connection_pool.connection_kwargs["ssl_ca_certs"] == "/ca.pem" for c in pool.sentinel_manager.sentinels
-    )
+    assert isinstance(pool, SentinelConnectionPool) and pool.connection_kwargs["ssl_ca_certs"] == "/ca.pem"
+    sentinels = pool.sentinel_manager.sentinels
+    assert all(c.connection_pool.connection_kwargs["ssl_ca_certs"] == "/ca.pem" for c in sentinels)
 
 
 def test_signing_settings_sign_jobs_and_results_and_accept_nothing_else(tmp_path: Path) -> None:
