@@ -9,7 +9,9 @@ from worker.core.models import StackInfo, VmRootfs, WarmReport
 from worker.core.names import safe_vm_id
 from worker.core.registry import RootfsRegistry
 from worker.errors import (
+    CloneInUse,
     FilesystemError,
+    InsufficientSpace,
     InvalidArgument,
     InvalidStackName,
     InvalidVmId,
@@ -19,11 +21,14 @@ from worker.errors import (
     StampMismatch,
     TaskTimeout,
     TemplateChanged,
+    VmBusy,
     VmIdConflict,
 )
 
 __all__ = [
+    "CloneInUse",
     "FilesystemError",
+    "InsufficientSpace",
     "InvalidArgument",
     "InvalidStackName",
     "InvalidVmId",
@@ -36,6 +41,7 @@ __all__ = [
     "StampMismatch",
     "TaskTimeout",
     "TemplateChanged",
+    "VmBusy",
     "VmIdConflict",
     "VmRootfs",
     "WarmReport",

@@ -13,7 +13,7 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
-from worker.service import connection, signing
+from worker.service import connection, observability, signing
 from worker.service.queues import FANOUT_QUEUE, host_queues, worker_queue_names
 from worker.service.request import RootfsTask
 from worker.service.settings import Settings
@@ -110,6 +110,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     else:
         app.conf.update(celery_config(settings))
     signing.install(app)
+    observability.install(app)  # heartbeat file, readiness, metrics server: worker.service.observability
     return app
 
 

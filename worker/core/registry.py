@@ -12,13 +12,16 @@ import contextlib
 import logging
 import os
 import stat
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-from worker.core import cloning, fsops, hashing, locks
+from worker.core import cloning, fixup, fsops, hashing, inuse, inventory, locks, records, space
 from worker.core.config import RootfsConfig
+from worker.core.fixup import FixupReport
 from worker.core.hashcache import FileKey, HashCache
 from worker.core.layout import (
     CACHE_DIR,
@@ -30,15 +33,19 @@ from worker.core.layout import (
     TRASH_DIR,
     WARM_LOCK,
     partials,
+    record_names,
 )
-from worker.core.models import StackInfo, VmRootfs, WarmReport
+from worker.core.models import CloneOrigin, HashWork, StackInfo, VmRootfs, WarmReport
 from worker.core.names import check_stack_name, check_vm_id
+from worker.core.reconcile import DEFAULT_OLDER_THAN, ReconcileReport, reconcile
 from worker.core.templates import Template, open_template, stack_names
 from worker.errors import (
+    CloneInUse,
     FilesystemError,
     RootfsError,
     StackNotFound,
     StampMismatch,
+    VmBusy,
     VmIdConflict,
 )
 
@@ -55,6 +62,8 @@ class RootfsRegistry:
     def __init__(self, config: RootfsConfig) -> None:
         self._config = config
         self._cache = HashCache(config.clones_dir / CACHE_DIR / "hashes")
+        self._hash_work = HashWork()
+        self._hash_work_lock = threading.Lock()
 
     @classmethod
     def from_env(cls) -> RootfsRegistry:
@@ -63,6 +72,12 @@ class RootfsRegistry:
     @property
     def config(self) -> RootfsConfig:
         return self._config
+
+    @property
+    def hash_work(self) -> HashWork:
+        """Every hash lookup of this registry so far: hits, misses, bytes and seconds hashed (for metrics)."""
+        with self._hash_work_lock:
+            return self._hash_work
 
     # ----------------------------------------------------------------- stacks
 
@@ -108,6 +123,41 @@ class RootfsRegistry:
                     warm.append(name)
         return WarmReport(tuple(hashed), tuple(warm), total, time.monotonic() - started, failed)
 
+    def cached_stacks(self) -> dict[str, str | None]:
+        """Every stack with its hash where the cache has it, None where cold: never hashes (heartbeats and
+        the inventory call this; a stack that cannot be opened is left out)."""
+        found: dict[str, str | None] = {}
+        for name in stack_names(self._config.template_dir):
+            with contextlib.suppress(RootfsError), open_template(self._config.template_dir, name) as template:
+                if template is not None:
+                    found[name] = self._cache.get(template.key)
+        return found
+
+    # -------------------------------------------------------------- inventory
+
+    def clones(self, *, pids: bool = True) -> list[inventory.CloneInfo]:
+        """Every VM directory on this host (worker.core.inventory); takes no lock, hashes nothing."""
+        return inventory.list_clones(self._config.clones_dir, self.cached_stacks(), pids=pids)
+
+    def host_summary(self) -> dict[str, Any]:
+        """Free/total bytes, reflink, clone count and warm stack hashes, for heartbeats."""
+        return inventory.host_summary(self._config.clones_dir, self.cached_stacks())
+
+    def reconcile(
+        self,
+        keep: Sequence[str],
+        *,
+        older_than: float = DEFAULT_OLDER_THAN,
+        dry_run: bool = True,
+        now: float | None = None,
+    ) -> ReconcileReport:
+        """Release every clone not in `keep`, old enough and not in use (worker.core.reconcile)."""
+        return reconcile(self, keep, older_than=older_than, dry_run=dry_run, now=now)
+
+    def fixup(self) -> FixupReport:
+        """Sweep what crashed operations left (worker.core.fixup); run when a worker starts."""
+        return fixup.sweep(self._config)
+
     @staticmethod
     def hash_file(path: str | os.PathLike[str]) -> str:
         return hashing.hash_file(path)
@@ -119,16 +169,23 @@ class RootfsRegistry:
                     yield self._info(template, progress)
 
     def _info(self, template: Template, progress: HashProgress | None) -> tuple[StackInfo, bool]:
-        """The template's info and whether its hash had to be computed now."""
+        """The template's info (with what finding its hash cost) and whether its hash was computed now."""
+        spent = 0.0
 
         def compute() -> str:
+            nonlocal spent
+            started = time.monotonic()
             report = None if progress is None else (lambda done, total: progress(template.name, done, total))
             digest = hashing.hash_fd(template.fd, path=str(template.path), progress=report)
             template.check_unchanged()
+            spent = time.monotonic() - started
             return digest
 
         digest, computed = self._cache.get_or_compute(template.key, compute)
-        return StackInfo(template.name, template.path, template.key.size, digest), computed
+        size = template.key.size
+        with self._hash_work_lock:
+            self._hash_work += HashWork(misses=1, bytes=size, seconds=spent) if computed else HashWork(hits=1)
+        return StackInfo(template.name, template.path, size, digest), computed
 
     # ------------------------------------------------------------------ clones
 
@@ -146,34 +203,57 @@ class RootfsRegistry:
                     if _clear_leftovers(dir_fd, vm_dir):
                         # Unlinking a hard link to the template moved its ctime: take its key anew.
                         template.key = FileKey.of(os.fstat(template.fd))
+                complete = dir_fd is not None and _has_disk(dir_fd)
+            if not complete:
+                # Before the hash and before any write: a copy that cannot fit is refused at once.
+                space.ensure_room(os.fstat(template.fd), self._config.clones_dir, self._config.min_free)
             return self._clone_from(template, vm_dir, vm_id, safe_id, progress)
 
     def _clone_from(
         self, template: Template, vm_dir: Path, vm_id: str, safe_id: str, progress: HashProgress | None
     ) -> VmRootfs:
         info, _ = self._info(template, progress)
+        method: CloneOrigin = "existing"
         with self._open_vm_dir(vm_dir, create=True) as dir_fd:
             assert dir_fd is not None
             existing = self._existing_clone(dir_fd, vm_dir, safe_id, info)
-            self._claim(dir_fd, vm_dir, vm_id)
+            self._claim(dir_fd, vm_dir, vm_id, info.name, existing)
             if not existing:
                 try:
-                    self._build_clone(dir_fd, vm_dir, template, info.sha256)
+                    method = self._build_clone(dir_fd, vm_dir, template, info.sha256)
                 except BaseException:
                     _discard_if_unused(dir_fd, vm_dir)
                     raise
-        return VmRootfs(safe_id, info.name, vm_dir / CLONE_ROOTFS_FILE, info.sha256)
+        return VmRootfs(safe_id, info.name, vm_dir / CLONE_ROOTFS_FILE, info.sha256, method)
 
-    def release(self, vm_id: str) -> bool:
-        """Remove the VM's clone; True if there was one. Releasing twice is not an error."""
+    def release(
+        self,
+        vm_id: str,
+        *,
+        force: bool = False,
+        wait: bool = True,
+        recheck: Callable[[int, Path], None] | None = None,
+    ) -> bool:
+        """Remove the VM's clone; True if there was one. Releasing twice is not an error.
+
+        A disk another process holds open (a running VM) is refused with CloneInUse unless `force`. With
+        `wait=False` a VM whose lock is held raises VmBusy instead of waiting; `recheck(dir_fd, vm_dir)` runs
+        under the lock and may raise to spare the clone (reconcile re-checks its age there).
+        """
         safe_id = check_vm_id(vm_id)
         clones = self._config.clones_dir
         vm_dir = clones / safe_id
-        with self._vm_lock(safe_id):
+        with self._vm_lock(safe_id, wait=wait, vm_id=vm_id):
             with self._open_vm_dir(vm_dir, create=False) as dir_fd:
                 if dir_fd is None:
                     return False
                 self._check_owner(dir_fd, vm_dir, vm_id, safe_id)
+                if recheck is not None:
+                    recheck(dir_fd, vm_dir)
+                if not force:
+                    usage = inuse.usage(dir_fd, CLONE_ROOTFS_FILE, vm_dir)
+                    if usage.in_use:
+                        raise CloneInUse(vm_id, list(usage.pids))
             trash = clones / TRASH_DIR
             doomed = trash / f"{safe_id}.{uuid.uuid4().hex}"
             try:
@@ -187,11 +267,15 @@ class RootfsRegistry:
 
     # ---------------------------------------------------------------- helpers
 
-    def _vm_lock(self, safe_id: str) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def _vm_lock(self, safe_id: str, *, wait: bool = True, vm_id: str | None = None) -> Iterator[None]:
         """Serialises clone and release of one VM across processes; the lock file goes with the VM."""
         vm_dir = self._config.clones_dir / safe_id
         path = self._config.clones_dir / LOCKS_DIR / f"{safe_id}.lock"
-        return locks.exclusive(path, remove_if=lambda: not os.path.lexists(vm_dir))
+        with locks.exclusive(path, remove_if=lambda: not os.path.lexists(vm_dir), blocking=wait) as held:
+            if not held:
+                raise VmBusy(vm_id if vm_id is not None else safe_id)
+            yield
 
     @contextlib.contextmanager
     def _open_vm_dir(self, vm_dir: Path, *, create: bool) -> Iterator[int | None]:
@@ -224,14 +308,16 @@ class RootfsRegistry:
         if owner and owner != vm_id:
             raise VmIdConflict(vm_id, safe_id, owner)
 
-    def _claim(self, dir_fd: int, vm_dir: Path, vm_id: str) -> None:
-        """Record who owns the directory (also when adopting a clone the seed made).
+    def _claim(self, dir_fd: int, vm_dir: Path, vm_id: str, stack: str, existing: bool) -> None:
+        """Record who owns the directory (also when adopting a clone the seed made), and for the inventory
+        which stack it holds and since when (worker.core.records).
 
         Not flushed on its own (one fsync less on the clone path): after a power cut the record may come
         back empty, which reads as no record, as for a directory the seed made.
         """
         if fsops.read_text(dir_fd, OWNER_FILE, vm_dir) != vm_id:
             fsops.write_atomic(dir_fd, OWNER_FILE, vm_id.encode("utf-8", "surrogatepass"), vm_dir, durable=False)
+        records.write_record(dir_fd, vm_dir, vm_id=vm_id, stack=stack, adopted=existing)
 
     def _existing_clone(self, dir_fd: int, vm_dir: Path, safe_id: str, info: StackInfo) -> bool:
         """True when a complete clone of these bytes is in place (ours or the seed's), False when none."""
@@ -246,7 +332,7 @@ class RootfsRegistry:
             raise StampMismatch(safe_id, info.name, stamp or "", info.sha256)
         return True
 
-    def _build_clone(self, dir_fd: int, vm_dir: Path, template: Template, digest: str) -> None:
+    def _build_clone(self, dir_fd: int, vm_dir: Path, template: Template, digest: str) -> CloneOrigin:
         partial = CLONE_ROOTFS_FILE + PARTIAL_SUFFIX
         dst_path = vm_dir / partial
         try:
@@ -282,6 +368,7 @@ class RootfsRegistry:
                     fsops.unlink(dir_fd, leftover, vm_dir)
             raise
         log.info("cloned %s to %s by %s", template.path, vm_dir / CLONE_ROOTFS_FILE, method)
+        return "reflink" if method == "reflink" else "copy"
 
     def _empty_trash(self, doomed: Path) -> None:
         """Delete this release's clone, then any left by releases that crashed; a failure leaves them for
@@ -324,6 +411,16 @@ def _discard_if_unused(dir_fd: int, vm_dir: Path) -> None:
     with contextlib.suppress(OSError, RootfsError):
         if os.path.lexists(vm_dir / CLONE_ROOTFS_FILE):
             return
-        for leftover in (CLONE_STAMP_FILE, OWNER_FILE, *partials()):
+        for leftover in (CLONE_STAMP_FILE, *record_names(), *partials()):
             fsops.unlink(dir_fd, leftover, vm_dir)
         os.rmdir(vm_dir)
+
+
+def _has_disk(dir_fd: int) -> bool:
+    try:
+        os.stat(CLONE_ROOTFS_FILE, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # let the clone path report it, as it did before the space check
+    return True

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from worker.core.config import CLONES_DIR_VAR, DEFAULT_CLONES_DIR, DEFAULT_TEMPLATE_DIR, TEMPLATE_DIR_VAR, RootfsConfig
+from worker.core.space import DEFAULT_RESERVE, MIN_FREE_VAR, Reserve
 from worker.errors import InvalidArgument
 from worker.service.queues import check_host
 
@@ -124,6 +125,23 @@ def _visibility_default(done: Read) -> int:
     return int(done["time_limit"] + done["retry_cap"] + 300)
 
 
+def port(raw: str) -> int:
+    value = integer(1)(raw)
+    if value > 65535:
+        raise ValueError("must be at most 65535")
+    return value
+
+
+def _run_dir_default(done: Read) -> Path:
+    """Per host, so that two workers on one machine (tests, a demo) never share heartbeat or metric files."""
+    return Path("/tmp") / f"rootfs-worker-{done['host']}"
+
+
+def _max_age_default(done: Read) -> float:
+    """Three missed heartbeats, like the host's announcement in Redis (Settings.heartbeat_ttl)."""
+    return max(3.0, 3 * float(done["heartbeat_interval"]))
+
+
 SETTINGS: tuple[Setting[Any], ...] = (
     Setting(
         TEMPLATE_DIR_VAR,
@@ -138,6 +156,14 @@ SETTINGS: tuple[Setting[Any], ...] = (
         Path,
         Path(DEFAULT_CLONES_DIR),
         "where per-VM clones are written (`<dir>/<vm>/rootfs.ext4`)",
+    ),
+    Setting(
+        MIN_FREE_VAR,
+        "min_free",
+        Reserve.parse,
+        DEFAULT_RESERVE,
+        "space a copy must leave free on the clones filesystem: bytes (`10G`) or a percentage of it (`5%`);"
+        " a clone that would eat into it fails at once with InsufficientSpace",
     ),
     Setting(
         "CELERY_BROKER_URL",
@@ -236,6 +262,31 @@ SETTINGS: tuple[Setting[Any], ...] = (
         "warm this host's hashes when the worker starts (0 to disable)",
         "1",
     ),
+    Setting(
+        "ROOTFS_METRICS_PORT",
+        "metrics_port",
+        port,
+        None,
+        "port of this worker's Prometheus metrics (`http://<host>:<port>/metrics`, all interfaces)",
+        "unset (no metrics server)",
+    ),
+    Setting(
+        "ROOTFS_RUN_DIR",
+        "run_dir",
+        Path,
+        _run_dir_default,
+        "runtime state: the heartbeat files `rootfs-worker health` reads, the pool processes' metric files "
+        "(a tmpfs such as /run suits; stale metric files are removed at start)",
+        "`/tmp/rootfs-worker-<host>`",
+    ),
+    Setting(
+        "ROOTFS_LIVENESS_MAX_AGE",
+        "liveness_max_age",
+        real(1.0),
+        _max_age_default,
+        "seconds after which a heartbeat file no longer counts as live (`rootfs-worker health --live`)",
+        "3 x heartbeat interval (at least 3)",
+    ),
     # Message signing (optional; needs the `signing` extra): all three or none.
     Setting(
         "ROOTFS_SIGNING_KEY",
@@ -270,6 +321,7 @@ class Settings:
 
     template_dir: Path
     clones_dir: Path
+    min_free: Reserve
     broker_url: str
     result_backend: str
     redis_ca: Path | None
@@ -289,14 +341,17 @@ class Settings:
     warm_interval: float
     heartbeat_interval: float
     warm_on_start: bool
+    metrics_port: int | None
+    run_dir: Path
+    liveness_max_age: float
     signing_key: Path | None
     signing_cert: Path | None
     signing_trusted: str
 
     @property
     def rootfs(self) -> RootfsConfig:
-        """The core's view: the two directories it shares with the Rust runtime."""
-        return RootfsConfig(self.template_dir, self.clones_dir)
+        """The core's view: the two directories it shares with the Rust runtime, and the space reserve."""
+        return RootfsConfig(self.template_dir, self.clones_dir, self.min_free)
 
     @property
     def heartbeat_ttl(self) -> int:
