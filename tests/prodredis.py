@@ -17,6 +17,7 @@ import redis
 from worker.celery import create_app
 from worker.client import RootfsClient
 from worker.dev.processes import RedisServer, free_port
+from worker.service.connection import close_redis
 from worker.service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +37,8 @@ def client_for(env: Mapping[str, str]) -> Iterator[RootfsClient]:
         if consumer is not None:
             consumer.stop()
             consumer._pubsub = None  # nothing left to unsubscribe from
+        # The result backend's own connections (and, for Sentinel, its connections to the sentinels).
+        close_redis(app.backend.client)
         app.close()
 
 
@@ -158,7 +161,8 @@ def start_tls_redis(workdir: Path) -> TlsRedis:
 
     def ready() -> bool:
         try:
-            return bool(holder[0].redis().ping())
+            with holder[0].redis() as r:
+                return bool(r.ping())
         except (redis.RedisError, OSError):
             return False
 
@@ -216,8 +220,10 @@ class SentinelGroup:
         try:
             # Whichever server is starting: both answer on their own port; master first, then the replica.
             for server in (self.master, self.replica):
-                if server.proc is not None and not self.tls.redis(server.port).ping():
-                    return False
+                if server.proc is not None:
+                    with self.tls.redis(server.port) as r:
+                        if not r.ping():
+                            return False
             return True
         except (redis.RedisError, OSError):
             return False
@@ -272,7 +278,8 @@ class SentinelGroup:
         """Every sentinel sees the master, its replica and the two other sentinels."""
         try:
             for i in range(3):
-                state = self.sentinel(i).sentinel_master(self.MASTER)
+                with self.sentinel(i) as s:
+                    state = s.sentinel_master(self.MASTER)
                 assert isinstance(state, dict)
                 if int(state["num-slaves"]) < 1 or int(state["num-other-sentinels"]) < 2:
                     return False
@@ -282,7 +289,8 @@ class SentinelGroup:
 
     def master_port(self) -> int | None:
         try:
-            addr = self.sentinel(0).sentinel_get_master_addr_by_name(self.MASTER)
+            with self.sentinel(0) as s:
+                addr = s.sentinel_get_master_addr_by_name(self.MASTER)
         except (redis.RedisError, OSError):
             return None
         return int(addr[1]) if isinstance(addr, tuple) else None

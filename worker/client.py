@@ -20,14 +20,18 @@ import redis
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
+from celery.states import READY_STATES
 from kombu import Queue
 from kombu.exceptions import OperationalError
 
 from worker.errors import RemoteError, RootfsError, TaskTimeout
-from worker.service.connection import redis_for_app, scheme
+from worker.service.connection import close_redis, redis_for_app, scheme
 from worker.service.hosts import live_hosts
 from worker.service.preflight import diagnose
 from worker.service.queues import host_queues
+
+#: While waiting for a result, look for it in Redis this often too, seconds (see JobHandle._wait).
+STORED_CHECK_S = 1.0
 
 #: Pause before waiting again when Redis dropped the connection under a waiting client.
 RECONNECT_PAUSE_S = 0.5
@@ -80,20 +84,23 @@ class JobHandle:
         raise AssertionError("unreachable")
 
     def _wait(self, timeout: float | None, on_progress: ProgressHandler | None) -> Any:
-
-        def on_message(body: dict[str, Any]) -> None:
-            if on_progress is not None and body.get("status") == "PROGRESS" and isinstance(body.get("result"), dict):
-                on_progress(body["result"])
-
+        on_message = _progress_forwarder(on_progress)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            # In slices: a result whose Pub/Sub message was missed (published while the subscription was being
+            # re-made, as in a failover) is in Redis all the same; one GET per slice finds it.
+            # Never 0: Celery reads a timeout of 0 as "no timeout" and would wait for ever.
+            step = STORED_CHECK_S if remaining is None else max(0.01, min(STORED_CHECK_S, remaining))
             try:
                 return self.result_handle.get(
-                    timeout=remaining, propagate=True, on_message=on_message, disable_sync_subtasks=False
+                    timeout=step, propagate=True, on_message=on_message, disable_sync_subtasks=False
                 )
             except CeleryTimeout:
-                raise TaskTimeout(self.id, float(timeout or 0)) from None
+                if self._stored():
+                    continue  # now cached on the handle: the next get() returns (or raises) it at once
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TaskTimeout(self.id, float(timeout or 0)) from None
             except RootfsError:
                 raise
             except (redis.ConnectionError, redis.TimeoutError, OperationalError, ConnectionError) as exc:
@@ -104,6 +111,23 @@ class JobHandle:
                 time.sleep(RECONNECT_PAUSE_S)
             except Exception as exc:
                 raise RemoteError(type(exc).__name__, str(exc)) from exc
+
+    def _stored(self) -> bool:
+        """Is the job's final state in the result backend? (Reads it with one GET, and caches it on the handle.)"""
+        try:
+            return str(self.result_handle.state) in READY_STATES
+        except (redis.RedisError, OperationalError, OSError):
+            return False
+
+
+def _progress_forwarder(on_progress: ProgressHandler | None) -> Callable[[dict[str, Any]], None]:
+    """Celery's on_message callback: hands the meta of each PROGRESS update to `on_progress`."""
+
+    def on_message(body: dict[str, Any]) -> None:
+        if on_progress is not None and body.get("status") == "PROGRESS" and isinstance(body.get("result"), dict):
+            on_progress(body["result"])
+
+    return on_message
 
 
 class RootfsClient:
@@ -127,6 +151,31 @@ class RootfsClient:
                 if problem is not None:
                     raise OperationalError(problem)
         self._redis_checked = True
+
+    def gather(self, handles: list[JobHandle], *, timeout: float, resubmit: int = 0) -> list[Any]:
+        """The results of many jobs, in order: like `handle.result(timeout=..., resubmit=...)` for each, but the
+        `timeout` is shared by all the jobs of a round, so a burst costs at most (resubmit + 1) x timeout however
+        many jobs were lost: each round waits for all, then sends every job still unanswered again at once."""
+        results: dict[int, Any] = {}
+        for attempt in range(resubmit + 1):
+            deadline = time.monotonic() + timeout
+            for i, handle in enumerate(handles):
+                if i in results:
+                    continue
+                try:
+                    results[i] = handle._wait(max(0.0, deadline - time.monotonic()), None)
+                except TaskTimeout:
+                    continue
+            missing = [h for i, h in enumerate(handles) if i not in results]
+            if not missing:
+                break
+            if attempt == resubmit or any(h.resend is None for h in missing):
+                raise TaskTimeout(missing[0].id, float(timeout))
+            for handle in missing:
+                assert handle.resend is not None
+                handle.resend()
+                handle.resubmitted += 1
+        return [results[i] for i in range(len(handles))]
 
     def clone(self, *, host: str, vm_id: str, stack: str, expires: float | None = CLONE_EXPIRES_S) -> JobHandle:
         """A clone not started within `expires` seconds is dropped by the worker: a scheduler that waited
@@ -175,7 +224,7 @@ class RootfsClient:
         try:
             return live_hosts(client)
         finally:
-            client.close()
+            close_redis(client)
 
     def _send(
         self,

@@ -76,7 +76,7 @@ def test_a_burst_of_clones_survives_a_sentinel_failover(
                 os.kill(group.master.proc.pid, signal.SIGKILL)
                 killed_at = time.time()
             handles.append(client.clone(host=HOST, vm_id=f"vm-{i}", stack="base"))
-        results = [h.result(timeout=15, resubmit=3) for h in handles]
+        results = client.gather(handles, timeout=10, resubmit=3)
         resubmitted = sum(h.resubmitted for h in handles)
         print(f"\nsentinel failover: {resubmitted} of {JOBS} clones resubmitted")
 

@@ -101,6 +101,13 @@ def make_redis(
     return client
 
 
+def close_redis(client: redis.Redis) -> None:
+    """Close a client from make_redis, and for Sentinel also its connections to the sentinels themselves."""
+    client.close()
+    for sentinel in getattr(getattr(client.connection_pool, "sentinel_manager", None), "sentinels", ()):
+        sentinel.close()
+
+
 def redis_for(settings: Settings) -> redis.Redis:
     """The broker's Redis (where heartbeats live), reached exactly as Celery reaches it."""
     url = settings.broker_url

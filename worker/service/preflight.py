@@ -27,7 +27,7 @@ from celery.signals import beat_init, worker_init
 from kombu.utils.url import maybe_sanitize_url
 
 from worker.service import runtime
-from worker.service.connection import make_redis, scheme, tls_options, uses_tls
+from worker.service.connection import close_redis, make_redis, scheme, tls_options, uses_tls
 from worker.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def diagnose(url: str, *, tls: dict[str, Any] | None, master_name: str | None) -
         log.warning("Redis at %s answered PING with %s; starting anyway", shown, exc)
         return None
     finally:
-        client.close()
+        close_redis(client)
 
 
 def check(settings: Settings) -> None:
