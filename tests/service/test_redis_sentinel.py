@@ -105,9 +105,10 @@ def test_a_clone_whose_job_was_lost_is_resubmitted_and_answers(
 ) -> None:
     """A job Redis lost (as after a failover) times out once, is sent again under the same id, and answers."""
     lost = client.clone(host="lostjob", vm_id="vm-lost", stack="base")
-    # What an asynchronous replica may do: forget a job the old master had acknowledged.
-    r = redis.Redis.from_url(redis_url)
-    assert r.delete(host_queues("lostjob").fast) == 1
+    burst = [client.clone(host="lostjob", vm_id=f"vm-burst-{i}", stack="base") for i in range(2)]
+    # What an asynchronous replica may do: forget jobs the old master had acknowledged.
+    with redis.Redis.from_url(redis_url) as r:
+        assert r.delete(host_queues("lostjob").fast) == 1
     host = start_host("lostjob")
     host.template("base", b"resubmit " * 1024)
     # Without resubmission the loss is a timeout (the negative case)...
@@ -117,6 +118,9 @@ def test_a_clone_whose_job_was_lost_is_resubmitted_and_answers(
     result = lost.result(timeout=5, resubmit=2)
     assert result["vm_id"] == "vm-lost" and lost.resubmitted == 1
     assert (host.clones_dir / "vm-lost" / "rootfs.ext4").read_bytes() == b"resubmit " * 1024
+    # A burst: one shared timeout, then every missing job sent again at once.
+    assert [r["vm_id"] for r in client.gather(burst, timeout=3, resubmit=1)] == ["vm-burst-0", "vm-burst-1"]
+    assert [h.resubmitted for h in burst] == [1, 1]
 
 
 @pytest.fixture
