@@ -42,6 +42,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "rootfs_task_queues": worker_queue_names(s.host),
         "rootfs_max_time_limit": s.time_limit,
         "rootfs_max_eta_ahead": s.visibility_timeout - s.time_limit,
+        # With signing on, only signed task messages pass the envelope check (worker/service/signing.py).
+        "rootfs_content_type": signing.content_type(s),
     }
     conf = {
         "broker_url": s.broker_url,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
 from tests.helpers import wait_until
 from tests.prodredis import TlsRedis, make_ca, make_cert, start_tls_redis
@@ -26,10 +28,15 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
 
 @pytest.fixture
 def clean(tls_redis: TlsRedis) -> TlsRedis:
-    r = tls_redis.redis()
-    r.flushall()
-    r.close()
+    _ask(tls_redis, lambda r: r.flushall())
     return tls_redis
+
+
+def _ask(tls: TlsRedis, question: Callable[[redis.Redis], Any]) -> Any:
+    """One question to the TLS server with the test's own client, closed after (an open TLS socket left to the
+    garbage collector is a ResourceWarning, an error in this suite)."""
+    with tls.redis() as r:
+        return question(r)
 
 
 def _worker(tmp_path: Path, host: str, env: dict[str, str]) -> CeleryProcess:
@@ -61,7 +68,7 @@ def test_clone_release_heartbeat_and_results_all_go_over_tls(
         assert client.release(host="tls-a", vm_id="vm-1").result(timeout=30)["released"] is True
         assert not disk.exists()
         # The heartbeat is in this TLS-only Redis (there is no other).
-        assert clean.redis().exists("rootfs:host:tls-a") == 1
+        assert _ask(clean, lambda r: r.exists("rootfs:host:tls-a")) == 1
     finally:
         worker.stop()
 
@@ -73,7 +80,7 @@ def test_a_server_certificate_from_another_ca_is_refused_and_no_job_taken(
     client = make_client(clean.env())
     client.clone(host="tls-b", vm_id="vm-2", stack="base")
     queue = host_queues("tls-b").fast
-    assert clean.redis().llen(queue) == 1
+    assert _ask(clean, lambda r: r.llen(queue)) == 1
     other = make_ca(tmp_path / "other", "other-ca")
     mine = make_cert(tmp_path / "other", other, "imposter-client")
     env = {**clean.env(), "ROOTFS_REDIS_CA": str(other.cert), "ROOTFS_REDIS_CERT": str(mine.cert)}
@@ -83,7 +90,7 @@ def test_a_server_certificate_from_another_ca_is_refused_and_no_job_taken(
     assert worker.proc.wait(timeout=60) == EXIT_MISCONFIGURED
     log = worker.log()
     assert "certificate verify failed" in log.lower() and "ROOTFS_REDIS_CA" in log
-    assert clean.redis().llen(queue) == 1
+    assert _ask(clean, lambda r: r.llen(queue)) == 1
     assert not (tmp_path / "tls-b" / "clones" / "vm-2").exists()
 
 

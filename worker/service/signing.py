@@ -22,6 +22,16 @@ from worker.service.settings import Settings
 ALLOWED_SERIALIZERS = ["json"]
 
 
+#: The content type of Celery's `auth` serializer (celery/security/serialization.py: register_auth).
+SIGNED_CONTENT_TYPE = "application/data"
+
+
+def content_type(settings: Settings) -> str:
+    """What a task message must be labelled on this worker's queues: signed with signing on, JSON otherwise. The
+    transport's envelope check refuses anything else before Celery sees it (an unsigned job among them)."""
+    return SIGNED_CONTENT_TYPE if settings.signing else "application/json"
+
+
 def celery_options(settings: Settings) -> dict[str, Any]:
     """The Celery settings that turn signing on (nothing when ROOTFS_SIGNING_KEY is unset)."""
     if not settings.signing:
