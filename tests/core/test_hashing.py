@@ -312,6 +312,7 @@ def test_change_while_hashing_says_what_changed(tmp_path: Path) -> None:
         with pytest.raises(TemplateChanged) as short:
             hash_file(path)
     assert short.value.detail == f"file ended at byte 1000 of {8 * MiB}"
+    assert short.value.path == str(path)
 
     path = sparse_file(tmp_path / "g.ext4", EVERY + 2 * RING, {0: b"y" * MiB})
     with pytest.raises(TemplateChanged) as grown:
@@ -370,3 +371,17 @@ def test_unexpected_reader_error_reaches_the_caller_as_is(tmp_path: Path, monkey
     with pytest.raises(ZeroDivisionError, match="reader bug"):
         hash_file(path)
     assert reader_threads() == []
+
+
+def test_short_reads_are_continued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """preadv may return fewer bytes than asked: the hash goes on from where it stopped and is still exact."""
+    data = os.urandom(3 * BUF + 777)
+    path = tmp_path / "short"
+    path.write_bytes(data)
+    real_preadv = os.preadv
+
+    def at_most_1000(fd: int, buffers: list[memoryview], offset: int) -> int:
+        return real_preadv(fd, [buffers[0][:1000]], offset)
+
+    monkeypatch.setattr(os, "preadv", at_most_1000)
+    assert hash_file(path) == hashlib.sha256(data).hexdigest()
