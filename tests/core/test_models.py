@@ -111,3 +111,11 @@ def test_min_free_comes_from_the_environment_mapping() -> None:
     assert RootfsConfig.from_env({"ROOTFS_MIN_FREE": " 2% "}).min_free == Reserve(percent=2.0)
     assert RootfsConfig.from_env({"ROOTFS_MIN_FREE": "  "}).min_free == DEFAULT_RESERVE
     assert RootfsConfig.from_env({}).min_free == DEFAULT_RESERVE == Reserve(percent=5.0)
+
+
+def test_private_names_of_the_clones_dir_are_the_dotted_ones() -> None:
+    """Our own entries (.cache, .locks, .trash) are private; no safe vm id starts with a dot, so none is."""
+    from worker.core.layout import is_private
+
+    assert all(is_private(name) for name in (".cache", ".locks", ".trash"))
+    assert not any(is_private(name) for name in ("vm-1", "vm_1", "x.y"))
