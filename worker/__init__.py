@@ -18,6 +18,7 @@ from worker.errors import (
     StackNotFound,
     StampMismatch,
     TaskTimeout,
+    TemplateBusy,
     TemplateChanged,
     VmIdConflict,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "StackNotFound",
     "StampMismatch",
     "TaskTimeout",
+    "TemplateBusy",
     "TemplateChanged",
     "VmIdConflict",
     "VmRootfs",
