@@ -88,6 +88,7 @@ class RootfsRegistry:
         with locks.try_exclusive(self._config.clones_dir / LOCKS_DIR / WARM_LOCK) as mine:
             if not mine:
                 return WarmReport(busy=True)
+            self._cache.sweep_temp_files()  # what a killed warm-up left
             hashed: list[str] = []
             warm: list[str] = []
             failed: dict[str, str] = {}

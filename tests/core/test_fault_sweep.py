@@ -1,0 +1,131 @@
+"""The fault sweep: SIGKILL, EIO and ENOSPC at every file syscall of every registry operation.
+
+How a point is run and judged: tests/sweep/harness.py. Adding an operation (issue 11's reconcile and
+start-up fix-up, say) is one entry in OPERATIONS (and its call in tests.sweep.zygote.CALLS).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import sha256_of, xfs_reflink_mount
+from tests.sweep.harness import Operation, Report, Scene, Victim, sweep
+from worker.core.layout import CLONE_ROOTFS_FILE, CLONE_STAMP_FILE, OWNER_FILE
+from worker.dev.templates import MIB, write_sparse
+
+pytestmark = pytest.mark.slow
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+STACK = "base"
+VM_ID = "vm-1"
+
+
+def clone_args(scene: Scene) -> dict[str, str]:
+    return {"vm_id": scene.vm_id, "stack": scene.stack}
+
+
+def empty(scene: Scene) -> None:
+    scene.reset()
+
+
+def warm_cache(scene: Scene) -> None:
+    scene.reset()
+    scene.registry().warm()
+
+
+def cloned(scene: Scene) -> None:
+    scene.reset()
+    scene.registry().clone_for_vm(scene.vm_id, scene.stack)
+
+
+def has_clone(scene: Scene) -> None:
+    vm_dir = scene.clones_dir / scene.vm_id
+    names = {p.name for p in vm_dir.iterdir()} if vm_dir.is_dir() else set()
+    assert names == {CLONE_ROOTFS_FILE, CLONE_STAMP_FILE, OWNER_FILE}, f"{vm_dir} holds {sorted(names)}"
+    assert sha256_of(vm_dir / CLONE_ROOTFS_FILE) == scene.digest, "the clone's bytes are not the template's"
+    assert (vm_dir / CLONE_STAMP_FILE).read_text() == scene.digest, "the stamp is not the template's hash"
+    assert (vm_dir / OWNER_FILE).read_text() == scene.vm_id, "the owner record is not the vm id"
+
+
+def vm_gone(scene: Scene) -> None:
+    assert not os.path.lexists(scene.clones_dir / scene.vm_id), "the VM's directory is still there"
+
+
+def hash_cached(scene: Scene) -> None:
+    report = scene.registry().warm()
+    assert report.already_warm == (scene.stack,), f"after a warm-up, a fresh warm-up did {report}"
+
+
+#: One entry per operation: the call (tests.sweep.zygote.CALLS), its starting state, what success leaves.
+OPERATIONS = {
+    "clone-cold": Operation("clone-cold", "clone", clone_args, empty, has_clone, strategy="threaded"),
+    "clone-warm": Operation("clone-warm", "clone", clone_args, warm_cache, has_clone),
+    "release": Operation("release", "release", clone_args, cloned, vm_gone),
+    "warm": Operation("warm", "warm", lambda s: {}, empty, hash_cached, strategy="serial"),
+}
+#: On the XFS loop mount, where the copy is a reflink.
+XFS_OPERATIONS = {"clone-warm-reflink": Operation("clone-warm-reflink", "clone", clone_args, warm_cache, has_clone)}
+
+
+def _strace_usable() -> str | None:
+    """Why the sweep cannot run here, or None: strace must exist and be allowed to attach (ptrace)."""
+    if shutil.which("strace") is None:
+        return "strace is not installed (scripts/bootstrap.sh installs it)"
+    probe = subprocess.run(
+        ["strace", "-f", "-o", "/dev/null", "-e", "trace=getpid", sys.executable, "-c", "pass"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        return f"strace cannot trace here (ptrace not allowed?): {probe.stderr.strip()[-300:]}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def victim() -> Iterator[Victim]:
+    reason = _strace_usable()
+    if reason:
+        pytest.skip(reason)
+    v = Victim(PROJECT_ROOT)
+    yield v
+    v.close()
+
+
+def make_scene(root: Path) -> Scene:
+    template_dir, clones_dir = root / "templates", root / "clones"
+    template = write_sparse(template_dir / STACK / "rootfs.ext4", size=8 * MIB, data=2 * MIB, chunks=2)
+    clones_dir.mkdir(parents=True)
+    return Scene(template_dir, clones_dir, STACK, VM_ID, template, sha256_of(template))
+
+
+def _run(victim: Victim, op: Operation, scene: Scene, workdir: Path) -> Report:
+    report = sweep(victim, op, scene, workdir)
+    print(report.summary(), file=sys.stderr)
+    print(f"  syscalls per thread: {report.calls}", file=sys.stderr)
+    return report
+
+
+@pytest.mark.parametrize("name", list(OPERATIONS))
+def test_every_fault_point_keeps_the_promises(victim: Victim, tmp_path: Path, name: str) -> None:
+    """At every file syscall of the operation, a kill, an EIO or an ENOSPC leaves a state that a fresh call
+    repairs, no wrong clone, stamp or cached hash, and only RootfsErrors of the right transience."""
+    report = _run(victim, OPERATIONS[name], make_scene(tmp_path), tmp_path)
+    assert report.points > 0
+    assert not report.violations, "\n".join(report.violations[:40])
+
+
+@pytest.mark.parametrize("name", list(XFS_OPERATIONS))
+def test_every_fault_point_keeps_the_promises_on_reflink(victim: Victim, tmp_path: Path, name: str) -> None:
+    """The same sweep where the clone is a reflink (XFS loop mount)."""
+    with xfs_reflink_mount(tmp_path, size_mib=300) as mount:
+        report = _run(victim, XFS_OPERATIONS[name], make_scene(mount), tmp_path)
+    assert report.points > 0
+    assert not report.violations, "\n".join(report.violations[:40])
