@@ -4,7 +4,8 @@ Both sides end with the clone on disk: ours fsyncs before it reports (and stamps
 baseline is followed by `sync FILE`. The seed spawns both processes for every clone; on a reflink
 filesystem those two process starts are most of its cost, which is why the XFS target is so much tighter.
 Three diagnostics run in the same rotation and explain the numbers: the bare copy (clone_fd and one
-fsync), and the registry's durability steps as bare syscalls in today's order and in a proposed one.
+fsync), the registry's durability steps as bare syscalls with the four flushes one after another and in
+today's two concurrent pairs, and the registry's clone without the template's read lease (its cost).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 from bench import fsync_order
 from bench.common import (
@@ -32,7 +34,7 @@ from bench.common import (
     run,
     timed,
 )
-from worker.core import cloning
+from worker.core import cloning, lease
 from worker.core.config import RootfsConfig
 from worker.core.registry import RootfsRegistry
 from worker.dev.mounts import MountUnavailable, xfs_reflink
@@ -113,7 +115,7 @@ def _compare(ctx: Context, root: Path, *, reflink: str, reps: int) -> _Samples:
     try:
         setup = _Setup(template, fd, registry, root / "scratch", reflink)
         s = _Samples(template_blocks=os.stat(template).st_blocks)
-        steps = [_ours, _cp, _bare, _order("current"), _order("proposed")]
+        steps = [_ours, _cp, _bare, _order("sequential"), _order("paired"), _ours_without_lease]
         for i in range(reps + 1):
             if i % 5 == 0:
                 ctx.log(f"clone ({root.name}): repetition {i}/{reps}")
@@ -131,6 +133,15 @@ def _ours(setup: _Setup, i: int, s: _Samples) -> None:
     seconds, rootfs = timed(lambda: setup.registry.clone_for_vm(vm_id, STACK))
     s.add("ours", seconds)
     s.ours_blocks.append(os.stat(rootfs.path).st_blocks)
+    setup.registry.release(vm_id)
+
+
+def _ours_without_lease(setup: _Setup, i: int, s: _Samples) -> None:
+    """The same clone with lease.take answering "no leases here": what the read lease costs a clone."""
+    vm_id = f"bench-vm-nolease-{i}"
+    with mock.patch.object(lease, "take", lambda fd, path: False):
+        seconds, _ = timed(lambda: setup.registry.clone_for_vm(vm_id, STACK))
+    s.add("no-lease", seconds)
     setup.registry.release(vm_id)
 
 
@@ -218,8 +229,12 @@ def _notes(s: _Samples, fs: str) -> list[str]:
         "file, copy, fsync, stamp, rename, directory fsyncs), released untimed after each repetition; `cp` "
         "and `sync` are spawned as processes, as the seed does.",
         f"Samples (ms): {samples}. `bare` = `cloning.clone_fd` (by {', '.join(sorted(s.methods))}) and one "
-        "fsync, no registry; `current` / `proposed` = the registry's syscalls alone in today's order and with "
-        "the owner file's fsync dropped and the clones-dir fsync moved last (bench/fsync_order.py).",
+        "fsync, no registry; `sequential` / `paired` = the registry's syscalls alone with the four flushes one "
+        "after another (the protocol before issue 10) and in today's two concurrent pairs (bench/fsync_order.py); "
+        "`no-lease` = ours without the template's read lease.",
+        f"Read lease cost: ours {ms(s.med('ours'))} against {ms(s.med('no-lease'))} without the lease "
+        f"({(s.med('ours') - s.med('no-lease')) * 1e6:+.0f} µs, medians of the same rotation); pairing the flushes: "
+        f"`sequential` {ms(s.med('sequential'))}, `paired` {ms(s.med('paired'))}.",
         f"Diagnostics: the copy call alone {ms(median(s.bare_copy))}; one more registry clone with its fsyncs "
         f"counted took {ms(s.profiled)}, of which {s.fsyncs.calls} fsyncs {ms(s.fsyncs.seconds)}; allocated: "
         f"template {fmt_bytes(s.template_blocks * 512)}, ours {fmt_bytes(median(s.ours_blocks) * 512)}, "
@@ -229,22 +244,20 @@ def _notes(s: _Samples, fs: str) -> list[str]:
 
 def _time_why(s: _Samples, target: Target, *, on_loop: bool) -> str:
     ours, cp, bare = s.med("ours"), s.med("cp"), s.med("bare")
-    current, proposed = s.med("current"), s.med("proposed")
+    sequential, paired = s.med("sequential"), s.med("paired")
     per_fsync = s.fsyncs.seconds / max(s.fsyncs.calls, 1)
     return (
         f"the copy itself with one fsync takes {ms(bare)} ({bare / cp:.2f}x the baseline); the registry's "
-        f"clone {ms(ours)}. A registry clone with its fsyncs counted made {s.fsyncs.calls} of them, "
-        f"{ms(s.fsyncs.seconds)} of its {ms(s.profiled)} ({ms(per_fsync)} each): the clone's data, the stamp, "
-        "the VM directory after the final rename and the clones dir (the `.vm-id` owner record is no longer "
-        "flushed on its own), where the baseline's `sync FILE` makes one. Each waits for the disk"
+        f"clone {ms(ours)}. A registry clone with its fsyncs counted made {s.fsyncs.calls} of them "
+        f"({ms(per_fsync)} each, summed over threads: {ms(s.fsyncs.seconds)} of its {ms(s.profiled)}), in two "
+        "concurrent pairs (data and stamp; the VM directory and the clones dir), where the baseline's `sync FILE` "
+        "makes one. Each pair waits for the disk"
         + (": a log force, and on this loop device a write and a flush of the image file" if on_loop else "")
-        + f". For comparison, the syscalls alone in the registry's former order (an fsync more) take {ms(current)} "
-        f"({current / cp:.2f}x) and in today's order {ms(proposed)} ({proposed / cp:.2f}x) (bench/fsync_order.py); "
-        "the rest is the registry's Python (locks, path checks, opens). What would close it: fewer disk "
-        "round trips per clone without giving up durability (the four fsyncs are what makes a reported clone "
-        "survive a power cut), and trimming the registry's per-clone Python (it resolves and opens the "
-        "template twice). Target here: "
-        f"{ms(cp * target.limit)}."
+        + f". The syscalls alone take {ms(paired)} paired ({paired / cp:.2f}x) against {ms(sequential)} one after "
+        f"another ({sequential / cp:.2f}x) (bench/fsync_order.py); the rest is the registry's Python (locks, path "
+        "checks, opens, the lease). What would close it: a journal commit that covers both pairs (only a "
+        "protocol with one ordering point could, such as renaming a whole prepared directory into place) or "
+        f"fewer syscalls around the copy. Target here: {ms(cp * target.limit)}."
     )
 
 
