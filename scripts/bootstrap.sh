@@ -9,6 +9,7 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v mkfs.xfs >/dev/null 2>&1 || need_apt+=(xfsprogs)
 command -v losetup >/dev/null 2>&1 || need_apt+=(mount)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+command -v strace >/dev/null 2>&1 || need_apt+=(strace)  # the fault sweep (tests/core/test_fault_sweep.py)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if ((${#need_apt[@]})); then
   if [ "$(id -u)" -eq 0 ]; then SUDO=(); else SUDO=(sudo); fi

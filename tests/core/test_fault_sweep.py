@@ -106,26 +106,30 @@ def make_scene(root: Path) -> Scene:
     return Scene(template_dir, clones_dir, STACK, VM_ID, template, sha256_of(template))
 
 
-def _run(victim: Victim, op: Operation, scene: Scene, workdir: Path) -> Report:
+def _run(victim: Victim, op: Operation, scene: Scene, workdir: Path, capsys: pytest.CaptureFixture[str]) -> Report:
     report = sweep(victim, op, scene, workdir)
-    print(report.summary(), file=sys.stderr)
-    print(f"  syscalls per thread: {report.calls}", file=sys.stderr)
+    with capsys.disabled():  # the sweep's size and time belong in every CI log, not only in failures'
+        print(f"\n{report.summary()}\n  most calls per thread: {report.calls}")
     return report
 
 
 @pytest.mark.parametrize("name", list(OPERATIONS))
-def test_every_fault_point_keeps_the_promises(victim: Victim, tmp_path: Path, name: str) -> None:
+def test_every_fault_point_keeps_the_promises(
+    victim: Victim, tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """At every file syscall of the operation, a kill, an EIO or an ENOSPC leaves a state that a fresh call
     repairs, no wrong clone, stamp or cached hash, and only RootfsErrors of the right transience."""
-    report = _run(victim, OPERATIONS[name], make_scene(tmp_path), tmp_path)
+    report = _run(victim, OPERATIONS[name], make_scene(tmp_path), tmp_path, capsys)
     assert report.points > 0
     assert not report.violations, "\n".join(report.violations[:40])
 
 
 @pytest.mark.parametrize("name", list(XFS_OPERATIONS))
-def test_every_fault_point_keeps_the_promises_on_reflink(victim: Victim, tmp_path: Path, name: str) -> None:
+def test_every_fault_point_keeps_the_promises_on_reflink(
+    victim: Victim, tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The same sweep where the clone is a reflink (XFS loop mount)."""
     with xfs_reflink_mount(tmp_path, size_mib=300) as mount:
-        report = _run(victim, XFS_OPERATIONS[name], make_scene(mount), tmp_path)
+        report = _run(victim, XFS_OPERATIONS[name], make_scene(mount), tmp_path, capsys)
     assert report.points > 0
     assert not report.violations, "\n".join(report.violations[:40])

@@ -131,7 +131,7 @@ class Operation:
     converged: Callable[[Scene], None]
     #: The hashing strategy the call runs with (None: the machine's default).
     strategy: str | None = None
-    #: Run the fresh call of the same operation twice when once is not enough to be back to `converged`.
+    #: The faults tried at every syscall (keys of FAULTS).
     faults: tuple[str, ...] = tuple(FAULTS)
 
 
