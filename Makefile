@@ -6,6 +6,8 @@ setup:
 
 lint: setup
 	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/lint-imports
 
 typecheck: setup
 	.venv/bin/mypy

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 # The original Rust seed, for the compatibility tests (Debian's crates; exit 3: no cargo, tests skip).
 bash tests/compat/build_seed.sh >/dev/null || { rc=$?; [ "$rc" -eq 3 ] || exit "$rc"; }
-echo "== ruff"; .venv/bin/ruff check .
+echo "== ruff"; .venv/bin/ruff check . && .venv/bin/ruff format --check .
+echo "== import contracts"; .venv/bin/lint-imports --no-cache
 echo "== mypy --strict"; .venv/bin/mypy
 echo "== pytest"; exec .venv/bin/pytest "$@"

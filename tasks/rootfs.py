@@ -89,7 +89,7 @@ def scan_stacks(self: Task, host: str | None = None) -> list[dict[str, Any]]:
     _check_host(host)
     progress = _Progress(self)
     stacks = _run(self, lambda: runtime.registry().stacks(progress=progress))
-    return [{"name": s.name, "size_bytes": s.size_bytes, "sha256": s.sha256} for s in stacks]
+    return [s.to_dict() for s in stacks]
 
 
 @app.task(bind=True, name="rootfs.clone_for_vm", throws=(RootfsError,))

@@ -19,6 +19,17 @@ from worker.client import RootfsClient
 from worker.dev.processes import CeleryProcess, RedisServer, worker_env
 from worker.service.settings import Settings
 
+#: Fixtures that start real processes: a test using one belongs to the slow tier, so `make test-fast` runs
+#: with no Redis and no worker at all (fakeredis covers the logic that needs only Redis' data model).
+REAL_PROCESS_FIXTURES = frozenset({"redis_server", "redis_url", "start_host", "client"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = REAL_PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if used and item.get_closest_marker("slow") is None:
+            raise pytest.UsageError(f"{item.nodeid} uses {sorted(used)} (a real Redis/worker) but is not marked slow")
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:

@@ -1,4 +1,4 @@
-"""What the registry hands out: plain frozen values with a JSON-ready form."""
+"""What the registry hands out: plain frozen values, each with the ONE JSON shape its result has on the wire."""
 
 from __future__ import annotations
 
@@ -15,12 +15,8 @@ class StackInfo:
     sha256: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "template_path": str(self.template_path),
-            "size_bytes": self.size_bytes,
-            "sha256": self.sha256,
-        }
+        """The JSON shape of a stack in a scan result (the template's path is host-local, so not in it)."""
+        return {"name": self.name, "size_bytes": self.size_bytes, "sha256": self.sha256}
 
 
 @dataclass(frozen=True)

@@ -73,8 +73,8 @@ class RedisServer:
             "--daemonize",
             "no",
         ]
-        log = (self.workdir / "redis.log").open("ab")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with (self.workdir / "redis.log").open("ab") as log:  # the child keeps its own copy of the fd
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 10
         while not redis_answers(self.url, timeout=0.2):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -108,10 +108,10 @@ class CeleryProcess:
     def start(self) -> CeleryProcess:
         cmd = [sys.executable, "-m", "celery", "-A", self.app, self.role, "--loglevel", "INFO", *self.args]
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
-        out = self.logfile.open("ab")
-        self.proc = subprocess.Popen(
-            cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=_project_root()
-        )
+        with self.logfile.open("ab") as out:  # the child keeps its own copy of the fd
+            self.proc = subprocess.Popen(
+                cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=_project_root()
+            )
         return self
 
     def wait_ready(self, *, timeout: float = 60.0, marker: str = "ready.") -> None:

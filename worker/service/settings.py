@@ -1,60 +1,216 @@
-"""Every setting of the worker, read from an environment mapping when asked (never at import time).
+"""Every setting of the worker, each defined once, read from an environment mapping when asked (never at import).
 
-`VARIABLES` documents each variable with its default; the README's table and the docker-compose test are
-checked against it, so a variable cannot be renamed in one place only.
+`SETTINGS` is the single definition of each variable: its name, the `Settings` field it fills, its parser, its
+typed default (or a rule deriving it from settings read before it) and its documentation. `Settings.from_env`,
+the README's table and the docker-compose test are all derived from or checked against it, so a variable cannot
+be renamed, re-defaulted or documented in one place only.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 from worker.core.config import CLONES_DIR_VAR, DEFAULT_CLONES_DIR, DEFAULT_TEMPLATE_DIR, TEMPLATE_DIR_VAR, RootfsConfig
 from worker.errors import InvalidArgument
 from worker.service.queues import check_host
 
+T = TypeVar("T")
 
-class Variable(NamedTuple):
-    name: str
-    default: str
-    meaning: str
+#: Values read so far, by field name: what a derived default may depend on.
+Read = Mapping[str, Any]
 
 
-VARIABLES: tuple[Variable, ...] = (
-    Variable(TEMPLATE_DIR_VAR, DEFAULT_TEMPLATE_DIR, "where the template stacks live (`<dir>/<stack>/rootfs.ext4`)"),
-    Variable(CLONES_DIR_VAR, DEFAULT_CLONES_DIR, "where per-VM clones are written (`<dir>/<vm>/rootfs.ext4`)"),
-    Variable("CELERY_BROKER_URL", "redis://localhost:6379/0", "Redis broker; also holds the host heartbeats"),
-    Variable("CELERY_RESULT_BACKEND", "redis://localhost:6379/0", "Redis result backend"),
-    Variable("ROOTFS_HOST", "the machine's host name", "the host this worker serves; names its queues"),
-    Variable("ROOTFS_CONCURRENCY", "4", "pool processes; one may be warming, the rest serve clones"),
-    Variable("ROOTFS_TASK_TIME_LIMIT", "1800", "hard time limit of one task, seconds"),
-    Variable(
+@dataclass(frozen=True)
+class Setting(Generic[T]):
+    """One environment variable: where it goes, how it is parsed, what it defaults to, what it means."""
+
+    env: str
+    field: str
+    parse: Callable[[str], T]
+    default: T | Callable[[Read], T]
+    doc: str
+    #: How a derived default reads in the README (a typed default is shown as itself).
+    default_doc: str | None = None
+
+    @property
+    def documented_default(self) -> str:
+        if self.default_doc is not None:
+            return self.default_doc
+        return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
+
+    def read(self, env: Mapping[str, str], done: Read) -> T:
+        raw = env.get(self.env, "").strip()
+        if not raw:
+            return self.default(done) if callable(self.default) else self.default
+        try:
+            return self.parse(raw)
+        except ValueError as exc:
+            raise ValueError(f"{self.env}={raw!r}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- parsers
+
+
+def integer(minimum: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        return value
+
+    return parse
+
+
+def real(minimum: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError("expected a number") from None
+        if not value >= minimum:  # also refuses nan
+            raise ValueError(f"must be at least {minimum:g}")
+        return value
+
+    return parse
+
+
+def flag(raw: str) -> bool:
+    low = raw.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
+def text(raw: str) -> str:
+    return raw
+
+
+def host_name(raw: str) -> str:
+    try:
+        return check_host(raw)
+    except InvalidArgument as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _this_host(_: Read) -> str:
+    return host_name(socket.gethostname())
+
+
+def _soft_default(done: Read) -> int:
+    """30 s of grace before the hard limit; a short limit keeps 9/10 of itself rather than nothing."""
+    limit: int = done["time_limit"]
+    return limit - 30 if limit > 60 else max(1, limit * 9 // 10)
+
+
+def _visibility_default(done: Read) -> int:
+    return int(done["time_limit"] + done["retry_cap"] + 300)
+
+
+SETTINGS: tuple[Setting[Any], ...] = (
+    Setting(
+        TEMPLATE_DIR_VAR,
+        "template_dir",
+        Path,
+        Path(DEFAULT_TEMPLATE_DIR),
+        "where the template stacks live (`<dir>/<stack>/rootfs.ext4`)",
+    ),
+    Setting(
+        CLONES_DIR_VAR,
+        "clones_dir",
+        Path,
+        Path(DEFAULT_CLONES_DIR),
+        "where per-VM clones are written (`<dir>/<vm>/rootfs.ext4`)",
+    ),
+    Setting(
+        "CELERY_BROKER_URL",
+        "broker_url",
+        text,
+        "redis://localhost:6379/0",
+        "Redis broker; also holds the host heartbeats",
+    ),
+    Setting("CELERY_RESULT_BACKEND", "result_backend", text, "redis://localhost:6379/0", "Redis result backend"),
+    Setting(
+        "ROOTFS_HOST",
+        "host",
+        host_name,
+        _this_host,
+        "the host this worker serves; names its queues",
+        "the machine's host name",
+    ),
+    Setting(
+        "ROOTFS_CONCURRENCY", "concurrency", integer(1), 4, "pool processes; one may be warming, the rest serve clones"
+    ),
+    Setting("ROOTFS_TASK_TIME_LIMIT", "time_limit", integer(1), 1800, "hard time limit of one task, seconds"),
+    Setting(
         "ROOTFS_TASK_SOFT_TIME_LIMIT",
-        "time limit - 30 (9/10 of it when under 60)",
+        "soft_time_limit",
+        integer(1),
+        _soft_default,
         "soft time limit (raises inside the task), seconds",
+        "time limit - 30 (9/10 of it when under 60)",
     ),
-    Variable("ROOTFS_RETRY_MAX", "5", "retries of a transient failure before it is reported"),
-    Variable("ROOTFS_RETRY_BASE", "1.0", "first retry delay, seconds; doubles each retry (with jitter)"),
-    Variable("ROOTFS_RETRY_CAP", "60.0", "longest retry delay, seconds"),
-    Variable(
+    Setting("ROOTFS_RETRY_MAX", "retry_max", integer(0), 5, "retries of a transient failure before it is reported"),
+    Setting(
+        "ROOTFS_RETRY_BASE",
+        "retry_base",
+        real(0.0),
+        1.0,
+        "first retry delay, seconds; doubles each retry (with jitter)",
+    ),
+    Setting("ROOTFS_RETRY_CAP", "retry_cap", real(0.0), 60.0, "longest retry delay, seconds"),
+    Setting(
         "ROOTFS_VISIBILITY_TIMEOUT",
-        "time limit + retry cap + 300",
+        "visibility_timeout",
+        integer(1),
+        _visibility_default,
         "seconds before an unacknowledged job is redelivered; must exceed time limit + retry cap",
+        "time limit + retry cap + 300",
     ),
-    Variable("ROOTFS_RESTORE_INTERVAL", "10", "seconds between sweeps that redeliver jobs of dead workers"),
-    Variable("ROOTFS_RESULT_EXPIRES", "86400", "seconds a result stays in Redis"),
-    Variable("ROOTFS_WARM_INTERVAL", "300", "seconds between warm-ups of every live host (beat)"),
-    Variable("ROOTFS_HEARTBEAT_INTERVAL", "10", "seconds between a worker's announcements of its host"),
-    Variable("ROOTFS_WARM_ON_START", "1", "warm this host's hashes when the worker starts (0 to disable)"),
+    Setting(
+        "ROOTFS_RESTORE_INTERVAL",
+        "restore_interval",
+        integer(1),
+        10,
+        "seconds between sweeps that redeliver jobs of dead workers",
+    ),
+    Setting("ROOTFS_RESULT_EXPIRES", "result_expires", integer(1), 86400, "seconds a result stays in Redis"),
+    Setting(
+        "ROOTFS_WARM_INTERVAL", "warm_interval", real(1.0), 300.0, "seconds between warm-ups of every live host (beat)"
+    ),
+    Setting(
+        "ROOTFS_HEARTBEAT_INTERVAL",
+        "heartbeat_interval",
+        real(0.1),
+        10.0,
+        "seconds between a worker's announcements of its host",
+    ),
+    Setting(
+        "ROOTFS_WARM_ON_START",
+        "warm_on_start",
+        flag,
+        True,
+        "warm this host's hashes when the worker starts (0 to disable)",
+        "1",
+    ),
 )
 
 
 @dataclass(frozen=True)
 class Settings:
-    rootfs: RootfsConfig
+    """One field per entry of SETTINGS, in the same order (a test checks it)."""
+
+    template_dir: Path
+    clones_dir: Path
     broker_url: str
     result_backend: str
     host: str
@@ -72,41 +228,23 @@ class Settings:
     warm_on_start: bool
 
     @property
+    def rootfs(self) -> RootfsConfig:
+        """The core's view: the two directories it shares with the Rust runtime."""
+        return RootfsConfig(self.template_dir, self.clones_dir)
+
+    @property
     def heartbeat_ttl(self) -> int:
         """A host is live while its last three announcements could still be in flight."""
         return max(3, int(self.heartbeat_interval * 3))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Every setting from `env` (os.environ when None); a bad value raises ValueError naming the variable."""
         env = os.environ if env is None else env
-        reader = _Reader(env)
-        time_limit = reader.integer("ROOTFS_TASK_TIME_LIMIT", 1800, minimum=1)
-        retry_cap = reader.real("ROOTFS_RETRY_CAP", 60.0, minimum=0.0)
-        host = env.get("ROOTFS_HOST") or socket.gethostname()
-        try:
-            check_host(host)
-        except InvalidArgument as exc:
-            raise ValueError(f"ROOTFS_HOST: {exc}") from None
-        settings = cls(
-            rootfs=RootfsConfig.from_env(env),
-            broker_url=env.get("CELERY_BROKER_URL") or "redis://localhost:6379/0",
-            result_backend=env.get("CELERY_RESULT_BACKEND") or "redis://localhost:6379/0",
-            host=host,
-            concurrency=reader.integer("ROOTFS_CONCURRENCY", 4, minimum=1),
-            time_limit=time_limit,
-            soft_time_limit=reader.integer("ROOTFS_TASK_SOFT_TIME_LIMIT", _soft_default(time_limit), minimum=1),
-            retry_max=reader.integer("ROOTFS_RETRY_MAX", 5, minimum=0),
-            retry_base=reader.real("ROOTFS_RETRY_BASE", 1.0, minimum=0.0),
-            retry_cap=retry_cap,
-            visibility_timeout=reader.integer(
-                "ROOTFS_VISIBILITY_TIMEOUT", time_limit + int(retry_cap) + 300, minimum=1
-            ),
-            restore_interval=reader.integer("ROOTFS_RESTORE_INTERVAL", 10, minimum=1),
-            result_expires=reader.integer("ROOTFS_RESULT_EXPIRES", 86400, minimum=1),
-            warm_interval=reader.real("ROOTFS_WARM_INTERVAL", 300.0, minimum=1.0),
-            heartbeat_interval=reader.real("ROOTFS_HEARTBEAT_INTERVAL", 10.0, minimum=0.1),
-            warm_on_start=reader.flag("ROOTFS_WARM_ON_START", True),
-        )
+        done: dict[str, Any] = {}
+        for setting in SETTINGS:
+            done[setting.field] = setting.read(env, done)
+        settings = cls(**done)
         settings.check()
         return settings
 
@@ -122,39 +260,16 @@ class Settings:
             )
 
 
-def _soft_default(time_limit: int) -> int:
-    """30 s of grace before the hard limit; a short limit keeps 9/10 of itself rather than nothing."""
-    return time_limit - 30 if time_limit > 60 else max(1, time_limit * 9 // 10)
+def field_names() -> list[str]:
+    """The Settings dataclass's fields, in order: SETTINGS must fill exactly these."""
+    return [f.name for f in fields(Settings)]
 
 
-class _Reader:
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self._env = env
-
-    def integer(self, name: str, default: int, *, minimum: int) -> int:
-        return int(self._number(name, default, minimum, int))
-
-    def real(self, name: str, default: float, *, minimum: float) -> float:
-        return self._number(name, default, minimum, float)
-
-    def flag(self, name: str, default: bool) -> bool:
-        raw = self._env.get(name, "").strip().lower()
-        if not raw:
-            return default
-        if raw in ("1", "true", "yes", "on"):
-            return True
-        if raw in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{name}={raw!r}: expected 1/0, true/false, yes/no or on/off")
-
-    def _number(self, name: str, default: float, minimum: float, kind: type[int] | type[float]) -> float:
-        raw = self._env.get(name, "").strip()
-        if not raw:
-            return default
-        try:
-            value = kind(raw)
-        except ValueError:
-            raise ValueError(f"{name}={raw!r}: expected a number") from None
-        if value < minimum:
-            raise ValueError(f"{name}={raw!r}: must be at least {minimum}")
-        return value
+def markdown_table() -> str:
+    """The README's configuration table, derived from SETTINGS (the README must contain it verbatim)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for s in SETTINGS:
+        default = s.documented_default
+        shown = f"`{default}`" if s.default_doc is None or default.isdigit() else default
+        rows.append(f"| `{s.env}` | {shown} | {s.doc} |")
+    return "\n".join(rows) + "\n"
