@@ -98,6 +98,7 @@ def test_public_api_is_pinned() -> None:
         "StackNotFound",
         "StampMismatch",
         "TaskTimeout",
+        "TemplateBusy",
         "TemplateChanged",
         "VmIdConflict",
         "VmRootfs",
