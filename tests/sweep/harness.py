@@ -299,24 +299,48 @@ def check_invariants(scene: Scene, template_state: tuple[int, ...]) -> list[str]
 
 def leftovers(scene: Scene) -> list[str]:
     """Temp, partial, trash files anywhere, lock files of VMs that do not exist, strangers in VM dirs."""
-    found = []
-    clones = scene.clones_dir
-    for dirpath, dirnames, filenames in os.walk(clones):
-        for name in dirnames + filenames:
-            if name.endswith((".partial", ".tmp")):
-                found.append(os.path.relpath(os.path.join(dirpath, name), clones))
+    return (
+        _temp_files(scene.clones_dir)
+        + _trash(scene.clones_dir)
+        + _stray_locks(scene.clones_dir)
+        + _strangers(scene.clones_dir)
+    )
+
+
+def _temp_files(clones: Path) -> list[str]:
+    return [
+        os.path.relpath(os.path.join(dirpath, name), clones)
+        for dirpath, dirnames, filenames in os.walk(clones)
+        for name in dirnames + filenames
+        if name.endswith((".partial", ".tmp"))
+    ]
+
+
+def _trash(clones: Path) -> list[str]:
     trash = clones / TRASH_DIR
     if trash.exists() and any(trash.iterdir()):
-        found.append(f".trash holds {sorted(p.name for p in trash.iterdir())}")
+        return [f".trash holds {sorted(p.name for p in trash.iterdir())}"]
+    return []
+
+
+def _stray_locks(clones: Path) -> list[str]:
     locks = clones / LOCKS_DIR
-    if locks.exists():
-        for lock in locks.iterdir():
-            if lock.name != ".warm.lock" and not (clones / lock.name.removesuffix(".lock")).exists():
-                found.append(f"lock file {lock.name} of a VM that does not exist")
+    if not locks.exists():
+        return []
+    return [
+        f"lock file {lock.name} of a VM that does not exist"
+        for lock in locks.iterdir()
+        if lock.name != ".warm.lock" and not (clones / lock.name.removesuffix(".lock")).exists()
+    ]
+
+
+def _strangers(clones: Path) -> list[str]:
+    found = []
+    expected = {CLONE_ROOTFS_FILE, CLONE_STAMP_FILE, OWNER_FILE}
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(clones):
             if not entry.name.startswith("."):
-                extra = {p.name for p in Path(entry.path).iterdir()} - {CLONE_ROOTFS_FILE, CLONE_STAMP_FILE, OWNER_FILE}
+                extra = {p.name for p in Path(entry.path).iterdir()} - expected
                 if extra:
                     found.append(f"{entry.name} holds {sorted(extra)}")
     return found
