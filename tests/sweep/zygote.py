@@ -31,6 +31,9 @@ CALLS: dict[str, Callable[[RootfsRegistry, dict[str, Any]], object]] = {
     "clone": lambda reg, a: reg.clone_for_vm(a["vm_id"], a["stack"]),
     "release": lambda reg, a: reg.release(a["vm_id"]),
     "warm": lambda reg, a: reg.warm(),
+    # Issue 11's lifecycle operations; their sweep entries skip while the registry lacks them.
+    "reconcile": lambda reg, a: reg.reconcile(a["keep"], older_than=0, dry_run=False),  # type: ignore[attr-defined]
+    "fixup": lambda reg, a: reg.fixup(),  # type: ignore[attr-defined]
 }
 
 _RESULT_SIZE = 1 << 16
