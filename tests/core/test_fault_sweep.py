@@ -10,13 +10,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import sha256_of, xfs_reflink_mount
-from tests.sweep.harness import Operation, Report, Scene, Victim, sweep
+from tests.sweep.harness import VM_DIR_FILES, Operation, Report, Scene, Victim, sweep
 from worker.core.layout import CLONE_ROOTFS_FILE, CLONE_STAMP_FILE, OWNER_FILE
 from worker.core.registry import RootfsRegistry
 from worker.dev.templates import MIB, write_sparse
@@ -49,7 +50,7 @@ def cloned(scene: Scene) -> None:
 def has_clone(scene: Scene) -> None:
     vm_dir = scene.clones_dir / scene.vm_id
     names = {p.name for p in vm_dir.iterdir()} if vm_dir.is_dir() else set()
-    assert names == {CLONE_ROOTFS_FILE, CLONE_STAMP_FILE, OWNER_FILE}, f"{vm_dir} holds {sorted(names)}"
+    assert names == VM_DIR_FILES, f"{vm_dir} holds {sorted(names)}"
     assert sha256_of(vm_dir / CLONE_ROOTFS_FILE) == scene.digest, "the clone's bytes are not the template's"
     assert (vm_dir / CLONE_STAMP_FILE).read_text() == scene.digest, "the stamp is not the template's hash"
     assert (vm_dir / OWNER_FILE).read_text() == scene.vm_id, "the owner record is not the vm id"
@@ -73,6 +74,9 @@ def crashed_leftovers(scene: Scene) -> None:
     half.mkdir()
     (half / OWNER_FILE).write_text("vm-2")
     (half / (CLONE_ROOTFS_FILE + ".partial")).write_bytes(b"y" * 4096)
+    day_ago = time.time() - 86400  # past any grace period a fix-up gives a clone that may still be running
+    for path in (half / OWNER_FILE, half / (CLONE_ROOTFS_FILE + ".partial"), half):
+        os.utime(path, (day_ago, day_ago))
 
 
 def fixed_up(scene: Scene) -> None:

@@ -334,9 +334,13 @@ def _stray_locks(clones: Path) -> list[str]:
     ]
 
 
+#: Everything a complete VM directory may hold (the seed's two files and our records).
+VM_DIR_FILES = frozenset({CLONE_ROOTFS_FILE, CLONE_STAMP_FILE, OWNER_FILE})
+
+
 def _strangers(clones: Path) -> list[str]:
     found = []
-    expected = {CLONE_ROOTFS_FILE, CLONE_STAMP_FILE, OWNER_FILE}
+    expected = VM_DIR_FILES
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(clones):
             if not entry.name.startswith("."):

@@ -19,7 +19,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from worker.core import hashing
 from worker.core.config import RootfsConfig
@@ -32,8 +32,8 @@ CALLS: dict[str, Callable[[RootfsRegistry, dict[str, Any]], object]] = {
     "release": lambda reg, a: reg.release(a["vm_id"]),
     "warm": lambda reg, a: reg.warm(),
     # Issue 11's lifecycle operations; their sweep entries skip while the registry lacks them.
-    "reconcile": lambda reg, a: reg.reconcile(a["keep"], older_than=0, dry_run=False),  # type: ignore[attr-defined]
-    "fixup": lambda reg, a: reg.fixup(),  # type: ignore[attr-defined]
+    "reconcile": lambda reg, a: cast(Any, reg).reconcile(a["keep"], older_than=0, dry_run=False),
+    "fixup": lambda reg, a: cast(Any, reg).fixup(),
 }
 
 _RESULT_SIZE = 1 << 16
