@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import metrics_bench
 from bench.common import counting, counting_fsyncs
 from worker.core import cloning, hashing
 from worker.core.config import RootfsConfig
@@ -75,6 +76,7 @@ def clone(template_dir: str, clones_dir: str, vm_id: str, stack: str) -> dict[st
 
 
 COMMANDS: dict[str, Callable[..., dict[str, Any]]] = {
+    "metrics-overhead": metrics_bench.child_overhead,
     "hash-rss": hash_rss,
     "idle-rss": idle_rss,
     "warm": warm,

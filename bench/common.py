@@ -185,8 +185,9 @@ def run(argv: Sequence[str], *, timeout: float = 300) -> subprocess.CompletedPro
     return done
 
 
-def run_child(*args: str, timeout: float = 300) -> dict[str, Any]:
-    """Run `python -m bench.child ARGS` in a fresh interpreter; its last stdout line is a JSON object."""
+def run_child(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `python -m bench.child ARGS` in a fresh interpreter (with `env` added to the environment); its
+    last stdout line is a JSON object."""
     done = subprocess.run(
         [sys.executable, "-m", "bench.child", *args],
         capture_output=True,
@@ -194,7 +195,7 @@ def run_child(*args: str, timeout: float = 300) -> dict[str, Any]:
         timeout=timeout,
         check=False,
         cwd=PROJECT_ROOT,
-        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+        env={**os.environ, **(env or {}), "PYTHONPATH": str(PROJECT_ROOT)},
     )
     if done.returncode != 0:
         raise RuntimeError(f"bench.child {' '.join(args)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")

@@ -18,7 +18,7 @@ from kombu import Queue
 from worker.celery import app
 from worker.core.names import safe_vm_id
 from worker.errors import InvalidArgument, RootfsError
-from worker.service import runtime
+from worker.service import jobs, runtime
 from worker.service.hosts import live_hosts
 from worker.service.queues import host_queues
 from worker.service.retry import backoff
@@ -62,7 +62,21 @@ def _check_host(host: object) -> str:
     return mine
 
 
-def _run(task: Task, call: Callable[[], T]) -> T:
+def _run(task: Task, call: Callable[[], T], *, vm_id: object = None, stack: object = None) -> T:
+    """One attempt, observed (metrics and the job's log line: worker.service.jobs), with the retry policy."""
+    req = task.request
+    return jobs.observe(
+        lambda: _attempt(task, call),
+        task=task.name,
+        host=runtime.settings().host,
+        task_id=req.id,
+        attempt=req.retries or 0,
+        vm_id=vm_id,
+        stack=stack,
+    )
+
+
+def _attempt(task: Task, call: Callable[[], T]) -> T:
     try:
         return call()
     except RootfsError as exc:
@@ -97,7 +111,9 @@ def clone_for_vm(self: Task, vm_id: str, stack: str, host: str | None = None) ->
     mine = _check_host(host)
     progress = _Progress(self)
     started = time.monotonic()
-    rootfs = _run(self, lambda: runtime.registry().clone_for_vm(vm_id, stack, progress=progress))
+    rootfs = _run(
+        self, lambda: runtime.registry().clone_for_vm(vm_id, stack, progress=progress), vm_id=vm_id, stack=stack
+    )
     return {
         **rootfs.to_dict(),
         "host": mine,
@@ -109,7 +125,7 @@ def clone_for_vm(self: Task, vm_id: str, stack: str, host: str | None = None) ->
 @app.task(bind=True, name="rootfs.release_vm", throws=(RootfsError,))
 def release_vm(self: Task, vm_id: str, host: str | None = None) -> dict[str, Any]:
     mine = _check_host(host)
-    released = _run(self, lambda: runtime.registry().release(vm_id))
+    released = _run(self, lambda: runtime.registry().release(vm_id), vm_id=vm_id)
     return {"vm_id": safe_vm_id(vm_id), "released": released, "host": mine}
 
 

@@ -12,7 +12,9 @@ import pytest
 import yaml
 from celery import Celery
 from celery.app.utils import find_app
+from click.testing import CliRunner
 
+from worker.cli import main as cli_main
 from worker.service.settings import SETTINGS, Settings, markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +62,42 @@ def test_compose_environment_uses_only_known_variables(compose: dict[str, Any], 
     env = {str(k): str(v) for k, v in compose["services"][service]["environment"].items()}
     assert set(env) <= KNOWN, f"unknown variables: {set(env) - KNOWN}"
     Settings.from_env(env)
+
+
+def test_compose_redis_healthcheck_pings_and_others_wait_for_it(compose: dict[str, Any]) -> None:
+    """Redis is checked with `redis-cli ping`; the worker and the beat start only once it is healthy."""
+    services = compose["services"]
+    assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    for name in ("worker", "beat"):
+        assert services[name]["depends_on"] == {"redis": {"condition": "service_healthy"}}, name
+
+
+@pytest.mark.parametrize("service,role", [("worker", "worker"), ("beat", "beat")])
+def test_compose_healthchecks_run_the_real_probe(
+    compose: dict[str, Any], service: str, role: str, tmp_path: Path
+) -> None:
+    """The worker's and beat's healthchecks are `rootfs-worker health --live` commands that parse and run:
+    unhealthy (exit 1, one line) with no heartbeat file, never a usage error."""
+    check = compose["services"][service]["healthcheck"]
+    test = [str(c) for c in check["test"]]
+    assert test[0] == "CMD" and test[1] == "rootfs-worker"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert test[1] in project["scripts"]
+    assert "--live" in test and (role == "worker" or test[-2:] == ["--role", "beat"])
+    env = {str(k): str(v) for k, v in compose["services"][service]["environment"].items()}
+    result = CliRunner().invoke(cli_main, test[2:], env={**env, "ROOTFS_RUN_DIR": str(tmp_path)})
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("no heartbeat file") and result.output.count("\n") == 1
+
+
+def test_compose_publishes_the_metrics_port_and_says_how_to_scrape(compose: dict[str, Any]) -> None:
+    """The worker's ROOTFS_METRICS_PORT is published, and the file says how to scrape it."""
+    worker = compose["services"]["worker"]
+    port = Settings.from_env({str(k): str(v) for k, v in worker["environment"].items()}).metrics_port
+    assert port is not None
+    assert f"{port}:{port}" in [str(p) for p in worker["ports"]]
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "job_name: rootfs-worker" in text and f":{port}/metrics" in text
 
 
 def test_compose_worker_is_pinned_and_mounts_its_directories(compose: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
+from worker.service import observability
 from worker.service.queues import FANOUT_QUEUE, host_queues, worker_queue_names
 from worker.service.request import RootfsTask
 from worker.service.settings import Settings
@@ -103,6 +104,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         app.add_defaults(lambda: celery_config(Settings.from_env(os.environ)))
     else:
         app.conf.update(celery_config(settings))
+    observability.install(app)  # heartbeat file, readiness, metrics server: worker.service.observability
     return app
 
 

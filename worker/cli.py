@@ -12,14 +12,14 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import redis
-from kombu.exceptions import OperationalError
 
-from worker.client import JobHandle, RootfsClient
 from worker.errors import RootfsError
+
+if TYPE_CHECKING:  # the client pulls in Celery: imported where a command needs it, so `health` stays cheap
+    from worker.client import JobHandle, RootfsClient
 
 EXIT_FAILED = 1
 EXIT_TIMEOUT = 3
@@ -27,6 +27,7 @@ EXIT_TIMEOUT = 3
 
 def _client() -> RootfsClient:
     from worker.celery import app
+    from worker.client import RootfsClient
 
     return RootfsClient(app)
 
@@ -136,6 +137,36 @@ def release(vm_id: str, host: str | None, timeout: float, as_json: bool) -> None
     click.echo(f"{result['vm_id']}: {'released' if result['released'] else 'had no clone'} on {result['host']}")
 
 
+@main.command()
+@click.option("--live", "probe", flag_value="live", default=True, help="Is the process alive? [default]")
+@click.option("--ready", "probe", flag_value="ready", help="Is it connected and consuming its host's queues?")
+@click.option("--role", type=click.Choice(["worker", "beat"]), default="worker", show_default=True)
+@click.option("--max-age", type=float, default=None, help="Seconds a heartbeat stays fresh [ROOTFS_LIVENESS_MAX_AGE].")
+@json_option
+def health(probe: str, role: str, max_age: float | None, as_json: bool) -> None:
+    """Probe this host's worker (or beat) from its heartbeat file: exit 0 if live/ready, else 1.
+
+    Reads one small file: no Celery import, no broker round trip, so a supervisor can run it every few
+    seconds. Liveness survives a Redis outage (a restart would not bring Redis back); readiness does not.
+    """
+    from worker.service import health as probes
+    from worker.service.settings import Settings
+
+    try:
+        s = Settings.from_env()
+    except ValueError as exc:
+        verdict = probes.Verdict(False, f"bad settings: {exc}")
+    else:
+        path = probes.health_file(s.run_dir, "beat" if role == "beat" else "worker")
+        check = probes.check_ready if probe == "ready" else probes.check_live
+        verdict = check(path, max_age=s.liveness_max_age if max_age is None else max_age)
+    if as_json:
+        click.echo(json.dumps(verdict.to_dict(probe), sort_keys=True))
+    else:
+        click.echo(verdict.reason)
+    raise SystemExit(0 if verdict.ok else EXIT_FAILED)
+
+
 def _wait(job: JobHandle, *, timeout: float, as_json: bool) -> Any:
     """The job's result, with a progress bar on a terminal while a template is being hashed."""
     bar: Any = None
@@ -161,6 +192,9 @@ def _wait(job: JobHandle, *, timeout: float, as_json: bool) -> Any:
 
 def _guard(as_json: bool, call: Callable[[], Any]) -> Any:
     """Run `call`; on our error, report it (JSON on stdout with --json) and exit non-zero."""
+    import redis
+    from kombu.exceptions import OperationalError
+
     try:
         return call()
     except RootfsError as exc:

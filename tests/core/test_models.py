@@ -15,13 +15,14 @@ def test_a_stack_has_name_size_and_hash_on_the_wire() -> None:
 
 
 def test_a_clone_has_its_vm_stack_path_and_source_hash_on_the_wire() -> None:
-    """A clone is {vm_id, stack, path, source_sha256}; the path is a string."""
-    rootfs = VmRootfs("vm-1", "base", Path("/c/vm-1/rootfs.ext4"), "cd" * 32)
+    """A clone is {vm_id, stack, path, source_sha256, method}; the path is a string."""
+    rootfs = VmRootfs("vm-1", "base", Path("/c/vm-1/rootfs.ext4"), "cd" * 32, "reflink")
     assert rootfs.to_dict() == {
         "vm_id": "vm-1",
         "stack": "base",
         "path": "/c/vm-1/rootfs.ext4",
         "source_sha256": "cd" * 32,
+        "method": "reflink",
     }
 
 

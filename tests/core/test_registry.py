@@ -533,3 +533,29 @@ def test_concurrent_releases_delete_everything(env: Env) -> None:
     assert sorted(p.name for p in env.clones_dir.iterdir()) == [".cache", ".locks", ".trash"]
     assert list((env.clones_dir / ".trash").iterdir()) == []
     assert list((env.clones_dir / ".locks").iterdir()) == []
+
+
+def test_clone_reports_how_it_was_made(env: Env) -> None:
+    """The first clone says `copy` (no reflink on this tmp dir) or `reflink`; the same call again, `existing`."""
+    env.template("base", os.urandom(64 * 1024))
+    first = env.registry.clone_for_vm("vm-1", "base")
+    assert first.method in ("copy", "reflink") and first.to_dict()["method"] == first.method
+    assert env.registry.clone_for_vm("vm-1", "base").method == "existing"
+
+
+def test_hash_work_counts_hits_misses_bytes_and_failed_attempts(env: Env) -> None:
+    """The registry's running HashWork: one miss with the template's bytes, then hits; a clone that fails
+    after hashing still counts its hash (metrics must not lose it)."""
+    env.template("base", b"x" * 5000)
+    env.template("other", b"y" * 3000)
+    env.registry.clone_for_vm("vm-1", "base")
+    env.registry.clone_for_vm("vm-2", "base")
+    work = env.registry.hash_work
+    assert (work.hits, work.misses, work.bytes) == (1, 1, 5000) and work.seconds > 0
+    (env.clones_dir / "vm-3").mkdir()
+    (env.clones_dir / "vm-3" / "rootfs.ext4").write_bytes(b"not a clone of other")
+    (env.clones_dir / "vm-3" / "rootfs.ext4.sha256").write_text("0" * 64)
+    with pytest.raises(StampMismatch):
+        env.registry.clone_for_vm("vm-3", "other")
+    after = env.registry.hash_work - work
+    assert (after.hits, after.misses, after.bytes) == (0, 1, 3000)

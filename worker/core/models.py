@@ -4,7 +4,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+#: How a clone came to be: a reflink, a (sparse) copy, or already there from an earlier call.
+CloneOrigin = Literal["reflink", "copy", "existing"]
+
+
+@dataclass(frozen=True)
+class HashWork:
+    """What finding template hashes cost: cache hits, hashes computed, their bytes and seconds.
+
+    `RootfsRegistry.hash_work` returns the running total of one registry; the service layer turns the
+    difference across a job into metrics (also for a job that failed after hashing), so the core stays free
+    of them.
+    """
+
+    hits: int = 0
+    misses: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def __add__(self, other: HashWork) -> HashWork:
+        return HashWork(
+            self.hits + other.hits, self.misses + other.misses, self.bytes + other.bytes, self.seconds + other.seconds
+        )
+
+    def __sub__(self, other: HashWork) -> HashWork:
+        return HashWork(
+            self.hits - other.hits, self.misses - other.misses, self.bytes - other.bytes, self.seconds - other.seconds
+        )
 
 
 @dataclass(frozen=True)
@@ -25,6 +53,8 @@ class VmRootfs:
     stack: str
     path: Path
     source_sha256: str
+    #: How this call found or made the clone: not part of the clone's identity (`==` ignores it).
+    method: CloneOrigin = field(default="existing", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -32,6 +62,7 @@ class VmRootfs:
             "stack": self.stack,
             "path": str(self.path),
             "source_sha256": self.source_sha256,
+            "method": self.method,
         }
 
 

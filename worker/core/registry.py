@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ from worker.core.layout import (
     WARM_LOCK,
     partials,
 )
-from worker.core.models import StackInfo, VmRootfs, WarmReport
+from worker.core.models import CloneOrigin, HashWork, StackInfo, VmRootfs, WarmReport
 from worker.core.names import check_stack_name, check_vm_id
 from worker.core.templates import Template, open_template, stack_names
 from worker.errors import (
@@ -55,6 +56,8 @@ class RootfsRegistry:
     def __init__(self, config: RootfsConfig) -> None:
         self._config = config
         self._cache = HashCache(config.clones_dir / CACHE_DIR / "hashes")
+        self._hash_work = HashWork()
+        self._hash_work_lock = threading.Lock()
 
     @classmethod
     def from_env(cls) -> RootfsRegistry:
@@ -63,6 +66,12 @@ class RootfsRegistry:
     @property
     def config(self) -> RootfsConfig:
         return self._config
+
+    @property
+    def hash_work(self) -> HashWork:
+        """Every hash lookup of this registry so far: hits, misses, bytes and seconds hashed (for metrics)."""
+        with self._hash_work_lock:
+            return self._hash_work
 
     # ----------------------------------------------------------------- stacks
 
@@ -120,16 +129,23 @@ class RootfsRegistry:
                     yield self._info(template, progress)
 
     def _info(self, template: Template, progress: HashProgress | None) -> tuple[StackInfo, bool]:
-        """The template's info and whether its hash had to be computed now."""
+        """The template's info (with what finding its hash cost) and whether its hash was computed now."""
+        spent = 0.0
 
         def compute() -> str:
+            nonlocal spent
+            started = time.monotonic()
             report = None if progress is None else (lambda done, total: progress(template.name, done, total))
             digest = hashing.hash_fd(template.fd, path=str(template.path), progress=report)
             template.check_unchanged()
+            spent = time.monotonic() - started
             return digest
 
         digest, computed = self._cache.get_or_compute(template.key, compute)
-        return StackInfo(template.name, template.path, template.key.size, digest), computed
+        size = template.key.size
+        with self._hash_work_lock:
+            self._hash_work += HashWork(misses=1, bytes=size, seconds=spent) if computed else HashWork(hits=1)
+        return StackInfo(template.name, template.path, size, digest), computed
 
     # ------------------------------------------------------------------ clones
 
@@ -153,6 +169,7 @@ class RootfsRegistry:
         self, template: Template, vm_dir: Path, vm_id: str, safe_id: str, progress: HashProgress | None
     ) -> VmRootfs:
         info, _ = self._info(template, progress)
+        method: CloneOrigin = "existing"
         with self._open_vm_dir(vm_dir, create=True) as dir_fd:
             assert dir_fd is not None
             existing = self._existing_clone(dir_fd, vm_dir, safe_id, info)
@@ -161,11 +178,11 @@ class RootfsRegistry:
                 self._flush_existing(dir_fd, vm_dir)
             else:
                 try:
-                    self._build_clone(dir_fd, vm_dir, template, info.sha256)
+                    method = self._build_clone(dir_fd, vm_dir, template, info.sha256)
                 except BaseException:
                     _discard_if_unused(dir_fd, vm_dir)
                     raise
-        return VmRootfs(safe_id, info.name, vm_dir / CLONE_ROOTFS_FILE, info.sha256)
+        return VmRootfs(safe_id, info.name, vm_dir / CLONE_ROOTFS_FILE, info.sha256, method)
 
     def release(self, vm_id: str) -> bool:
         """Remove the VM's clone; True if there was one. Releasing twice is not an error.
@@ -306,7 +323,7 @@ class RootfsRegistry:
             for fd, _ in opened:
                 fsops.close(fd)
 
-    def _build_clone(self, dir_fd: int, vm_dir: Path, template: Template, digest: str) -> None:
+    def _build_clone(self, dir_fd: int, vm_dir: Path, template: Template, digest: str) -> CloneOrigin:
         """Copy, flush data and stamp together, name the stamp then the clone, flush both directories
         together: two waits for the disk. The step-by-step argument is in docs/crash-safety.md."""
         partial = CLONE_ROOTFS_FILE + PARTIAL_SUFFIX
@@ -350,6 +367,7 @@ class RootfsRegistry:
             _roll_back(dir_fd, vm_dir)
             raise
         log.info("cloned %s to %s by %s", template.path, vm_dir / CLONE_ROOTFS_FILE, method)
+        return "reflink" if method == "reflink" else "copy"
 
 
 def _roll_back(dir_fd: int, vm_dir: Path) -> None:

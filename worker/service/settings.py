@@ -116,6 +116,23 @@ def _visibility_default(done: Read) -> int:
     return int(done["time_limit"] + done["retry_cap"] + 300)
 
 
+def port(raw: str) -> int:
+    value = integer(1)(raw)
+    if value > 65535:
+        raise ValueError("must be at most 65535")
+    return value
+
+
+def _run_dir_default(done: Read) -> Path:
+    """Per host, so that two workers on one machine (tests, a demo) never share heartbeat or metric files."""
+    return Path("/tmp") / f"rootfs-worker-{done['host']}"
+
+
+def _max_age_default(done: Read) -> float:
+    """Three missed heartbeats, like the host's announcement in Redis (Settings.heartbeat_ttl)."""
+    return max(3.0, 3 * float(done["heartbeat_interval"]))
+
+
 SETTINGS: tuple[Setting[Any], ...] = (
     Setting(
         TEMPLATE_DIR_VAR,
@@ -202,6 +219,31 @@ SETTINGS: tuple[Setting[Any], ...] = (
         "warm this host's hashes when the worker starts (0 to disable)",
         "1",
     ),
+    Setting(
+        "ROOTFS_METRICS_PORT",
+        "metrics_port",
+        port,
+        None,
+        "port of this worker's Prometheus metrics (`http://<host>:<port>/metrics`, all interfaces)",
+        "unset (no metrics server)",
+    ),
+    Setting(
+        "ROOTFS_RUN_DIR",
+        "run_dir",
+        Path,
+        _run_dir_default,
+        "runtime state: the heartbeat files `rootfs-worker health` reads, the pool processes' metric files "
+        "(a tmpfs such as /run suits; stale metric files are removed at start)",
+        "`/tmp/rootfs-worker-<host>`",
+    ),
+    Setting(
+        "ROOTFS_LIVENESS_MAX_AGE",
+        "liveness_max_age",
+        real(1.0),
+        _max_age_default,
+        "seconds after which a heartbeat file no longer counts as live (`rootfs-worker health --live`)",
+        "3 x heartbeat interval (at least 3)",
+    ),
 )
 
 
@@ -226,6 +268,9 @@ class Settings:
     warm_interval: float
     heartbeat_interval: float
     warm_on_start: bool
+    metrics_port: int | None
+    run_dir: Path
+    liveness_max_age: float
 
     @property
     def rootfs(self) -> RootfsConfig:
