@@ -102,9 +102,10 @@ def test_template_open_for_writing_is_busy(env: Env) -> None:
         with pytest.raises(TemplateBusy):
             env.registry.stack("base")
     finally:
-        assert writer.stdin is not None
+        assert writer.stdin is not None and writer.stdout is not None
         writer.stdin.close()
         writer.wait()
+        writer.stdout.close()
     assert sha256_of(env.registry.clone_for_vm("vm-1", "base").path) == sha256_of(template)
 
 

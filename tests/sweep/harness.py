@@ -176,13 +176,14 @@ class Victim:
         )
 
     def close(self) -> None:
-        assert self._proc.stdin is not None
+        assert self._proc.stdin is not None and self._proc.stdout is not None
         self._proc.stdin.close()
         try:
             self._proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
+        self._proc.stdout.close()
 
     def _send(self, message: dict[str, Any]) -> None:
         assert self._proc.stdin is not None
@@ -225,6 +226,8 @@ class Victim:
             if tracer.poll() is None:
                 tracer.kill()
                 tracer.wait()
+            if tracer.stderr is not None:
+                tracer.stderr.close()
         return result
 
     def record(self, op: Operation, scene: Scene, out: Path) -> dict[str, int]:
