@@ -194,18 +194,17 @@ class RootfsRegistry:
         safe_id = check_vm_id(vm_id)
         clones = self._config.clones_dir
         vm_dir = clones / safe_id
-        removed = False
         try:
             with self._vm_lock(safe_id):
                 with self._open_vm_dir(vm_dir, create=False) as dir_fd:
+                    found = dir_fd is not None
                     if dir_fd is not None:
                         self._check_owner(dir_fd, vm_dir, vm_id, safe_id)
-                if dir_fd is not None:
+                if found:
                     self._to_trash(vm_dir, safe_id)
-                    removed = True
         finally:
-            self.empty_trash()
-        return removed
+            self.empty_trash()  # also when nothing was found: a crashed release may have left it there
+        return found
 
     def empty_trash(self) -> None:
         """Delete what releases left in `.trash` (theirs, or a crashed one's). Never raises: the clone was
