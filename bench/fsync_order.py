@@ -1,11 +1,12 @@
-"""Diagnostic for the clone sections: the registry's durability steps as bare syscalls, two ways.
+"""Diagnostic for the clone sections: the registry's durability steps as bare syscalls, three ways.
 
-`sequential` is the protocol before issue 10: four flushes one after another (the clone's data, the stamp,
-the VM directory after the renames, the clones dir). `paired` is today's (RootfsRegistry._build_clone):
-the same four flushes in two pairs, each pair in flight at once (data and stamp, then the two directories:
-worker.core.durability). Both keep every guarantee that matters when a clone is reported (the clone and its
-stamp on disk before the clone's name appears, both directories on disk before returning). Timing both
-without the registry's Python around them shows what the pairing alone saves: one disk round trip each.
+`sequential` is the protocol before issue 10: the clone's data, the stamp, the VM directory after the
+renames, the clones dir, one after another. `ordered` is today's (RootfsRegistry._build_clone): the same
+four flushes as two groups, each ordered so that its first flush's journal commit covers the second (the
+stamp before the data, the VM directory before the clones dir: worker.core.durability). `paired` issues
+each group's two flushes at once from two threads instead. All three keep every guarantee that matters
+when a clone is reported (the clone and its stamp on disk before the clone's name appears, both
+directories on disk before returning); timing them without the registry's Python shows what each saves.
 """
 
 from __future__ import annotations
@@ -20,17 +21,21 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def sequential(template_fd: int, vm_dir: Path) -> None:
-    _steps(template_fd, vm_dir, paired=False)
+    _steps(template_fd, vm_dir, mode="sequential")
+
+
+def ordered(template_fd: int, vm_dir: Path) -> None:
+    _steps(template_fd, vm_dir, mode="ordered")
 
 
 def paired(template_fd: int, vm_dir: Path) -> None:
-    _steps(template_fd, vm_dir, paired=True)
+    _steps(template_fd, vm_dir, mode="paired")
 
 
-ORDERS: dict[str, Callable[[int, Path], None]] = {"sequential": sequential, "paired": paired}
+ORDERS: dict[str, Callable[[int, Path], None]] = {"sequential": sequential, "ordered": ordered, "paired": paired}
 
 
-def _steps(template_fd: int, vm_dir: Path, *, paired: bool) -> None:
+def _steps(template_fd: int, vm_dir: Path, *, mode: str) -> None:
     """mkdir, owner file (not flushed), clone, stamp, flushes, renames, directory flushes."""
     os.mkdir(vm_dir)
     clones = os.open(vm_dir.parent, _DIR)
@@ -43,25 +48,25 @@ def _steps(template_fd: int, vm_dir: Path, *, paired: bool) -> None:
         try:
             cloning.clone_fd(template_fd, out, src_path="template", dst_path="rootfs.ext4.partial")
             stamp = _write(dfd, "rootfs.ext4.sha256", b"0" * 64, keep_open=True)
-            _flush([out, stamp], paired=paired)
+            _flush([out, stamp] if mode == "sequential" else [stamp, out], mode=mode)
         finally:
             os.close(out)
             if stamp >= 0:
                 os.close(stamp)
         os.rename("rootfs.ext4.sha256.partial", "rootfs.ext4.sha256", src_dir_fd=dfd, dst_dir_fd=dfd)
         os.rename("rootfs.ext4.partial", "rootfs.ext4", src_dir_fd=dfd, dst_dir_fd=dfd)
-        _flush([dfd, clones], paired=paired)
+        _flush([dfd, clones], mode=mode)
     finally:
         os.close(dfd)
         os.close(clones)
 
 
-def _flush(fds: list[int], *, paired: bool) -> None:
-    if paired:
-        durability.fsync_together([(fd, Path(str(fd))) for fd in fds], op="flush")
-    else:
+def _flush(fds: list[int], *, mode: str) -> None:
+    if mode == "sequential":
         for fd in fds:
             os.fsync(fd)
+    else:
+        durability.fsync_together([(fd, Path(str(fd))) for fd in fds], op="flush", concurrent=mode == "paired")
 
 
 def _write(dfd: int, name: str, data: bytes, *, keep_open: bool = False) -> int:

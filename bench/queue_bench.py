@@ -247,9 +247,9 @@ def _why(row: Row, s: _Samples) -> str:
         "Called directly on the registry in this process, interleaved with the jobs, a clone takes "
         f"{ms(own['clone'])} ({_per_call(s, 'clone')}) and a release {ms(own['release'])} "
         f"({_per_call(s, 'release')}). A clone copies the template's {fmt_bytes(TEMPLATE_DATA)} of data (ext4 has "
-        "no reflink), creates four files and waits for the disk twice (four fsyncs in two concurrent pairs); a "
-        "release takes the VM's lock, renames into the trash, flushes both directories at once, then deletes "
-        "the tree. Creating a file in the clones dir took "
+        "no reflink), creates four files and flushes them in two groups, ordered so that one journal commit "
+        "serves each (an ext4 without a journal cannot merge them); a release takes the VM's lock, renames "
+        "into the trash, flushes both directories, then deletes the tree. Creating a file in the clones dir took "
         f"{s.create_us['start']:.0f} µs at the start of this section and {s.create_us['end']:.0f} µs at its end"
         + (
             ": on an ext4 without a journal, as here, inode allocation skips, one by one, inodes deleted in the "

@@ -187,26 +187,35 @@ def test_failing_trash_sweep_does_not_fail_the_release(env: Env, monkeypatch: py
 # --------------------------------------------------------------------------------------- durability
 
 
-def test_clone_flushes_in_two_round_trips(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A clone's four fsyncs go in two pairs, each pair in flight at once (data and stamp; the two
-    directories): with a barrier every fsync must reach together with another, the clone completes."""
+def test_clone_flushes_in_two_ordered_pairs(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clone flushes its stamp then its data (both still partials, so before either is named), then its
+    VM directory then the clones dir: each pair ordered so that the first flush's journal commit covers the
+    second (two disk round trips), and everything flushed before the clone is reported."""
     env.template("base", b"abc" * 1000)
     env.registry.stack("base")
-    barrier = threading.Barrier(2, timeout=5)
-    calls: list[int] = []
+    flushed: list[str] = []
     real = os.fsync
 
-    def paired_fsync(fd: int) -> None:
-        calls.append(fd)
-        barrier.wait()  # BrokenBarrierError (the test fails) if this fsync were alone
+    def recording_fsync(fd: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
         real(fd)
 
-    monkeypatch.setattr(os, "fsync", paired_fsync)
-    env.registry.clone_for_vm("vm-1", "base")
-    assert len(calls) == 4
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    vm_dir = env.clones_dir / "vm-1"
+    assert flushed == [
+        str(vm_dir / "rootfs.ext4.sha256.partial"),
+        str(vm_dir / "rootfs.ext4.partial"),
+        str(vm_dir),
+        str(env.clones_dir),
+    ]
+    assert rootfs.path.exists()
 
 
-def test_failed_flush_raises_after_all_flushes_ended(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_failed_flush_raises_after_all_flushes_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, concurrent: bool
+) -> None:
     """fsync_together raises the failing target's error as a FilesystemError, once every flush is done."""
     a, b = tmp_path / "a", tmp_path / "b"
     fds = [os.open(p, os.O_WRONLY | os.O_CREAT) for p in (a, b)]
@@ -223,7 +232,7 @@ def test_failed_flush_raises_after_all_flushes_ended(tmp_path: Path, monkeypatch
     monkeypatch.setattr(os, "fsync", fsync)
     try:
         with pytest.raises(FilesystemError) as info:
-            durability.fsync_together([(fds[0], a), (fds[1], b)], op="flush")
+            durability.fsync_together([(fds[0], a), (fds[1], b)], op="flush", concurrent=concurrent)
         assert info.value.path == str(b) and info.value.transient
         assert sorted(done) == sorted(fds)
     finally:

@@ -230,8 +230,8 @@ class RootfsRegistry:
             os.rename(vm_dir, doomed)
         except OSError as exc:
             raise FilesystemError.from_os(exc, op="remove clone dir", path=vm_dir) from exc
-        # Both directories at once: the entry gone from the clones dir (what the Rust runtime looks at) and
-        # the one in the trash (so a crash cannot lose track of the files to delete).
+        # Both directories as one group (one rename changed both: one commit): the entry gone from the clones
+        # dir (what the Rust runtime looks at) and the one in the trash (so a crash cannot lose the files).
         clones_fd = fsops.open_dir(clones, op="flush clones dir")
         try:
             trash_fd = fsops.open_dir(trash, op="flush clones dir")
@@ -306,7 +306,7 @@ class RootfsRegistry:
     def _flush_existing(self, dir_fd: int, vm_dir: Path) -> None:
         """Before reporting a clone found in place, make sure it is on disk: the call that built it may have
         died between its rename and its directory flushes (or it is the seed's, flushed by its `sync`).
-        Nothing is created here, so nothing needs ordering: every flush goes in one round trip."""
+        Nothing is created here, so nothing needs ordering: all four flushes form one group."""
         clones = vm_dir.parent
         opened: list[tuple[int, Path]] = []
         try:
@@ -323,8 +323,8 @@ class RootfsRegistry:
                 fsops.close(fd)
 
     def _build_clone(self, dir_fd: int, vm_dir: Path, template: Template, digest: str) -> CloneOrigin:
-        """Copy, flush data and stamp together, name the stamp then the clone, flush both directories
-        together: two waits for the disk. The step-by-step argument is in docs/crash-safety.md."""
+        """Copy, flush stamp and data as one group, name the stamp then the clone, flush both directories as
+        one group: two waits for the disk. The step-by-step argument is in docs/crash-safety.md."""
         partial = CLONE_ROOTFS_FILE + PARTIAL_SUFFIX
         dst_path = vm_dir / partial
         clones = vm_dir.parent
@@ -344,9 +344,10 @@ class RootfsRegistry:
                 template.check_unchanged()
                 stamp = fsops.write_partial(dir_fd, CLONE_STAMP_FILE, digest.encode("ascii"), vm_dir)
                 # 1st round trip. On disk before either is named: a power cut must never leave a
-                # complete-looking clone of zeros, or a stamp of nothing.
+                # complete-looking clone of zeros, or a stamp of nothing. The stamp, changed last, first:
+                # its journal commit carries the clone's metadata with it (worker.core.durability).
                 durability.fsync_together(
-                    [(dst, dst_path), (stamp, vm_dir / (CLONE_STAMP_FILE + PARTIAL_SUFFIX))], op="flush clone"
+                    [(stamp, vm_dir / (CLONE_STAMP_FILE + PARTIAL_SUFFIX)), (dst, dst_path)], op="flush clone"
                 )
             finally:
                 fsops.close(dst)
@@ -355,8 +356,8 @@ class RootfsRegistry:
             # The stamp first: whenever `rootfs.ext4` exists, its stamp does.
             fsops.rename(dir_fd, CLONE_STAMP_FILE + PARTIAL_SUFFIX, CLONE_STAMP_FILE, vm_dir, op="stamp clone")
             fsops.rename(dir_fd, partial, CLONE_ROOTFS_FILE, vm_dir, op="rename clone")
-            # 2nd round trip: the renames (and `.vm-id`) in the VM's directory, the VM's directory in the
-            # clones dir. Only then is the clone reported.
+            # 2nd round trip: the renames (and `.vm-id`) in the VM's directory, then the VM's directory in
+            # the clones dir (its mkdir is older: the first commit took it along). Only then is it reported.
             clones_fd = fsops.open_dir(clones, op="flush clones dir")
             try:
                 durability.fsync_together([(dir_fd, vm_dir), (clones_fd, clones)], op="flush clone dir")
