@@ -37,10 +37,11 @@ ProgressFn = Callable[[int, int], None]
 # let the reader run ahead while one buffer is being hashed, for 4 MiB of memory in all.
 _BUF_SIZE = 1 << 20
 _BUF_COUNT = 4
-#: The one-thread loop reads as much per call as the plainest loop does (1 MiB): then it is that loop plus one
-#: SEEK_DATA/SEEK_HOLE pair per extent, and cannot be slower than it by more than those. (256 KiB, to keep
-#: the buffer in L2 while it is hashed, measured the same within noise on a 2-vCPU Xeon.)
-_SERIAL_BUF_SIZE = _BUF_SIZE
+#: The one-thread loop's read size: small enough that the bytes just copied in are still in the core's L2
+#: cache when they are hashed; hashlib.file_digest reads 256 KiB for the same reason. Measured on a 2-vCPU
+#: Xeon, 25 rotating rounds over 256 MiB in the page cache (best / p90 GB/s): 256 KiB 1.00 / 0.65, 1 MiB
+#: 0.90 / 0.57, 128 KiB 0.65 / 0.59, file_digest 0.99 / 0.70, the reader thread 0.85 / 0.58.
+_SERIAL_BUF_SIZE = 256 << 10
 _PROGRESS_EVERY = 64 << 20
 
 
