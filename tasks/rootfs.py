@@ -17,6 +17,7 @@ from kombu import Queue
 
 from worker.celery import app
 from worker.core.names import safe_vm_id
+from worker.core.reconcile import DEFAULT_OLDER_THAN
 from worker.errors import InvalidArgument, RootfsError
 from worker.service import jobs, runtime
 from worker.service.hosts import live_hosts
@@ -122,11 +123,41 @@ def clone_for_vm(self: Task, vm_id: str, stack: str, host: str | None = None) ->
     }
 
 
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgument(name, repr(value)[:80], "must be true or false")
+    return value
+
+
 @app.task(bind=True, name="rootfs.release_vm", throws=(RootfsError,))
-def release_vm(self: Task, vm_id: str, host: str | None = None) -> dict[str, Any]:
+def release_vm(self: Task, vm_id: str, host: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Refused with CloneInUse while a process holds the disk open, unless `force`."""
     mine = _check_host(host)
-    released = _run(self, lambda: runtime.registry().release(vm_id), vm_id=vm_id)
+    _check_flag("force", force)
+    released = _run(self, lambda: runtime.registry().release(vm_id, force=force), vm_id=vm_id)
     return {"vm_id": safe_vm_id(vm_id), "released": released, "host": mine}
+
+
+@app.task(bind=True, name="rootfs.list_clones", throws=(RootfsError,))
+def list_clones(self: Task, host: str | None = None) -> list[dict[str, Any]]:
+    """Every VM directory on this host (worker.core.inventory): no lock held, nothing hashed."""
+    _check_host(host)
+    return [c.to_dict() for c in _run(self, lambda: runtime.registry().clones())]
+
+
+@app.task(bind=True, name="rootfs.reconcile", throws=(RootfsError,))
+def reconcile(
+    self: Task,
+    keep: list[str],
+    older_than: float = DEFAULT_OLDER_THAN,
+    dry_run: bool = True,
+    host: str | None = None,
+) -> dict[str, Any]:
+    """Release the clones not in `keep` (worker.core.reconcile); a dry run unless `dry_run` is false."""
+    mine = _check_host(host)
+    _check_flag("dry_run", dry_run)
+    report = _run(self, lambda: runtime.registry().reconcile(keep, older_than=older_than, dry_run=dry_run))
+    return {**report.to_dict(), "host": mine}
 
 
 @app.task(bind=True, name="rootfs.warm_hashes", throws=(RootfsError,))

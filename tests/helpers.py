@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +18,7 @@ from worker.dev.templates import MIB, write_sparse_template, write_template
 
 __all__ = [
     "MIB",
+    "hold_open",
     "sha256_of",
     "tmpfs_mount",
     "tree",
@@ -74,3 +77,40 @@ def tmpfs_mount(tmp_path: Path, *, size_mib: int) -> Iterator[Path]:
         yield mountpoint
     finally:
         cm.__exit__(None, None, None)
+
+
+#: A child that holds a file the way a VM process would, says "ready", then waits to be killed.
+_HOLDER = {
+    "rw": "fd = os.open(path, os.O_RDWR)",
+    "ro": "fd = os.open(path, os.O_RDONLY)",
+    # Mapped, then the fd closed: only the mapping keeps the file open (as a VMM that mmaps its disk).
+    # ctypes, because Python's mmap module keeps a dup of the fd open.
+    "mmap": (
+        "libc = ctypes.CDLL(None, use_errno=True); libc.mmap.restype = ctypes.c_void_p;"
+        " libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,"
+        " ctypes.c_long]; fd = os.open(path, os.O_RDWR); addr = libc.mmap(None, 4096, 3, 1, fd, 0);"
+        " assert addr not in (None, 2**64 - 1); os.close(fd);"
+        " assert not any(os.path.realpath(f'/proc/self/fd/{n}') == os.path.realpath(path)"
+        " for n in os.listdir('/proc/self/fd') if os.path.exists(f'/proc/self/fd/{n}'))"
+    ),
+}
+
+
+@contextmanager
+def hold_open(path: Path, how: str) -> Iterator[subprocess.Popen[str]]:
+    """A real child process holding `path` open read-write ("rw"), read-only ("ro") or mapped with its fd
+    closed ("mmap") until the block ends (or the test kills it earlier: `.kill()` then `.wait()`)."""
+    code = f"import ctypes, os, sys, time\npath = {str(path)!r}\n{_HOLDER[how]}\nprint('ready', flush=True)\n"
+    code += "time.sleep(600)\n"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline().strip()
+        assert line == "ready", f"holder ({how}) did not start: {line!r}"
+        yield child
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()

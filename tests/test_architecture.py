@@ -86,7 +86,9 @@ def test_importing_the_public_api_loads_no_service_library() -> None:
 def test_public_api_is_pinned() -> None:
     """`from worker import ...` offers exactly these names, each importable (a removal is a breaking change)."""
     assert worker.__all__ == [
+        "CloneInUse",
         "FilesystemError",
+        "InsufficientSpace",
         "InvalidArgument",
         "InvalidStackName",
         "InvalidVmId",
@@ -100,6 +102,7 @@ def test_public_api_is_pinned() -> None:
         "TaskTimeout",
         "TemplateBusy",
         "TemplateChanged",
+        "VmBusy",
         "VmIdConflict",
         "VmRootfs",
         "WarmReport",

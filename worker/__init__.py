@@ -9,7 +9,9 @@ from worker.core.models import StackInfo, VmRootfs, WarmReport
 from worker.core.names import safe_vm_id
 from worker.core.registry import RootfsRegistry
 from worker.errors import (
+    CloneInUse,
     FilesystemError,
+    InsufficientSpace,
     InvalidArgument,
     InvalidStackName,
     InvalidVmId,
@@ -20,11 +22,14 @@ from worker.errors import (
     TaskTimeout,
     TemplateBusy,
     TemplateChanged,
+    VmBusy,
     VmIdConflict,
 )
 
 __all__ = [
+    "CloneInUse",
     "FilesystemError",
+    "InsufficientSpace",
     "InvalidArgument",
     "InvalidStackName",
     "InvalidVmId",
@@ -38,6 +43,7 @@ __all__ = [
     "TaskTimeout",
     "TemplateBusy",
     "TemplateChanged",
+    "VmBusy",
     "VmIdConflict",
     "VmRootfs",
     "WarmReport",

@@ -1,4 +1,4 @@
-"""`rootfs-worker`: the operator's shell into the queue (hosts, stacks, warm, clone, release).
+"""`rootfs-worker`: the operator's shell into the queue (hosts, stacks, warm, clone, release, clones, reconcile).
 
 Tables for people, `--json` for scripts; a failure exits non-zero with the error's type and message.
 click is Celery's own CLI framework, already installed with it: argument parsing, help, exit codes and a
@@ -59,13 +59,22 @@ def hosts(as_json: bool) -> None:
     if as_json:
         _print_json(found)
         return
-    _table(
-        ["HOST", "NODE", "PID", "LAST SEEN"],
-        [
-            [h["host"], h.get("node", ""), h.get("pid", ""), f"{time.time() - float(h.get('seen', 0)):.0f}s ago"]
-            for h in found
-        ],
-    )
+    _table(["HOST", "FREE", "REFLINK", "CLONES", "STACKS", "LAST SEEN"], [_host_row(h) for h in found])
+
+
+def _host_row(h: dict[str, Any]) -> list[str]:
+    """One host's placement facts; a worker too old to send them shows '?'."""
+    free, total = h.get("free_bytes"), h.get("total_bytes")
+    reflink = h.get("reflink")
+    stacks = h.get("stacks")
+    return [
+        str(h["host"]),
+        f"{_size(int(free))} of {_size(int(total))}" if isinstance(free, int) and isinstance(total, int) else "?",
+        "?" if reflink is None else ("yes" if reflink else "no"),
+        str(h.get("clones", "?")),
+        f"{sum(1 for v in stacks.values() if v)}/{len(stacks)} warm" if isinstance(stacks, dict) else "?",
+        f"{time.time() - float(h.get('seen', 0)):.0f}s ago",
+    ]
 
 
 @main.command()
@@ -127,14 +136,104 @@ def clone(vm_id: str, stack: str, host: str | None, timeout: float, as_json: boo
 @host_option
 @timeout_option
 @json_option
-def release(vm_id: str, host: str | None, timeout: float, as_json: bool) -> None:
-    """Delete VM_ID's clone (idempotent)."""
-    job = _guard(as_json, lambda: _client().release(host=host or _default_host(), vm_id=vm_id))
+@click.option("--force", is_flag=True, help="Delete the disk even while a process (a running VM) holds it open.")
+def release(vm_id: str, host: str | None, timeout: float, as_json: bool, force: bool) -> None:
+    """Delete VM_ID's clone (idempotent); refused while the disk is in use, unless --force."""
+    job = _guard(as_json, lambda: _client().release(host=host or _default_host(), vm_id=vm_id, force=force))
     result = _wait(job, timeout=timeout, as_json=as_json)
     if as_json:
         _print_json(result)
         return
     click.echo(f"{result['vm_id']}: {'released' if result['released'] else 'had no clone'} on {result['host']}")
+
+
+@main.command()
+@host_option
+@timeout_option
+@json_option
+def clones(host: str | None, timeout: float, as_json: bool) -> None:
+    """List a host's clones: stack, state, sizes, age, whether a process holds the disk."""
+    job = _guard(as_json, lambda: _client().clones(host=host or _default_host()))
+    found = _wait(job, timeout=timeout, as_json=as_json)
+    if as_json:
+        _print_json(found)
+        return
+    now = time.time()
+    _table(
+        ["VM", "STACK", "STATE", "SIZE", "ALLOCATED", "AGE", "IN USE", "STALE"],
+        [
+            [
+                c["vm_id"],
+                c.get("stack") or "?",
+                c["state"],
+                _size(c["size_bytes"]),
+                _size(c["allocated_bytes"]),
+                _age(now, c.get("created")),
+                ("yes " + ",".join(map(str, c.get("pids") or []))).strip() if c["in_use"] else "no",
+                {True: "yes", False: "no", None: "?"}[c.get("stale")],
+            ]
+            for c in found
+        ],
+    )
+
+
+@main.command()
+@click.option(
+    "--keep-file",
+    required=True,
+    type=click.File("r"),
+    help="The vm ids to keep, one per line (or a JSON list); '-' reads standard input.",
+)
+@click.option("--older-than", default=600.0, show_default=True, help="Never release a clone younger than this (s).")
+@click.option("--yes", "apply", is_flag=True, help="Release for real; without it this is a dry run.")
+@host_option
+@timeout_option
+@json_option
+def reconcile(keep_file: Any, older_than: float, apply: bool, host: str | None, timeout: float, as_json: bool) -> None:
+    """Release every clone whose vm id is not in the keep file (a dry run unless --yes)."""
+    keep = _read_keep(keep_file.read())
+    target = host or _default_host()
+    job = _guard(as_json, lambda: _client().reconcile(host=target, keep=keep, older_than=older_than, dry_run=not apply))
+    report = _wait(job, timeout=timeout, as_json=as_json)
+    if as_json:
+        _print_json(report)
+        return
+    verb = "released" if apply else "would release"
+    for vm_id in report["released"]:
+        click.echo(f"{verb} {vm_id}")
+    for vm_id, error in report["failed"].items():
+        click.echo(f"failed {vm_id}: {error}", err=True)
+    click.echo(
+        f"{target}: {verb} {len(report['released'])}, kept {len(report['kept'])}, in use {len(report['in_use'])},"
+        f" too young {len(report['too_young'])}, failed {len(report['failed'])}"
+        + ("" if apply else " (dry run: add --yes to release)")
+    )
+    if report["failed"]:
+        raise SystemExit(EXIT_FAILED)
+
+
+def _read_keep(text: str) -> list[str]:
+    """A JSON list of vm ids, or one vm id per line (blank lines and surrounding spaces ignored)."""
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            value = json.loads(stripped)
+        except ValueError as exc:
+            raise click.BadParameter(f"not a JSON list: {exc}", param_hint="--keep-file") from None
+        if not isinstance(value, list):
+            raise click.BadParameter("not a JSON list", param_hint="--keep-file")
+        return value
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _age(now: float, created: Any) -> str:
+    if not isinstance(created, int | float):
+        return "?"
+    seconds = max(0.0, now - created)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 @main.command()

@@ -84,8 +84,25 @@ class RootfsClient:
         that long has given up, and a late clone would only leave a disk for a VM that never booted."""
         return self._send("rootfs.clone_for_vm", host=host, kwargs={"vm_id": vm_id, "stack": stack}, expires=expires)
 
-    def release(self, *, host: str, vm_id: str) -> JobHandle:
-        return self._send("rootfs.release_vm", host=host, kwargs={"vm_id": vm_id})
+    def release(self, *, host: str, vm_id: str, force: bool = False) -> JobHandle:
+        """Refused with CloneInUse while a process (a running VM) holds the disk open, unless `force`."""
+        kwargs: dict[str, Any] = {"vm_id": vm_id}
+        if force:
+            kwargs["force"] = True  # only when asked: an older worker still takes the plain message
+        return self._send("rootfs.release_vm", host=host, kwargs=kwargs)
+
+    def clones(self, *, host: str) -> JobHandle:
+        """Every VM directory on the host: [{vm_id, dir, stack, source_sha256, stale, size_bytes,
+        allocated_bytes, created, modified, in_use, pids, state}]."""
+        return self._send("rootfs.list_clones", host=host, kwargs={})
+
+    def reconcile(self, *, host: str, keep: list[str], older_than: float = 600.0, dry_run: bool = True) -> JobHandle:
+        """Release the host's clones whose vm id is not in `keep` (a dry run unless `dry_run=False`):
+        {released, kept, in_use, too_young, failed: {vm_id: error}, dry_run, host}."""
+        kwargs = {"keep": keep, "older_than": older_than, "dry_run": dry_run}  # the worker checks it
+        # The bulk queue: a sweep of thousands of releases is not latency-critical and must not hold a pool
+        # process that a clone is waiting for.
+        return self._send("rootfs.reconcile", host=host, kwargs=kwargs, bulk=True)
 
     def stacks(self, *, host: str) -> JobHandle:
         return self._send("rootfs.scan_stacks", host=host, kwargs={})
@@ -97,7 +114,8 @@ class RootfsClient:
         return self._send("rootfs.ping", host=host, kwargs={})
 
     def hosts(self) -> list[dict[str, Any]]:
-        """Hosts whose workers announced themselves within their heartbeat TTL."""
+        """Hosts whose workers announced themselves within their heartbeat TTL, each with its inventory for
+        placement: free_bytes, total_bytes, reflink, clones, stacks {name: sha256 or None when cold}."""
         client = redis.Redis.from_url(str(self._app.conf.broker_url), socket_connect_timeout=5, socket_timeout=10)
         try:
             return live_hosts(client)

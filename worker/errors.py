@@ -199,3 +199,52 @@ class RemoteError(RootfsError):
 
     def describe(self) -> str:
         return f"{self.type_name}: {self.message}"
+
+
+@dataclass(eq=False)
+class CloneInUse(RootfsError):
+    """A process holds the VM's disk open (read-write, read-only or mapped): deleting it would pull the disk
+    from under a running VM. Permanent: the caller must stop the VM first, or release with force."""
+
+    vm_id: str
+    pids: list[int]
+
+    def describe(self) -> str:
+        who = ", ".join(map(str, self.pids)) if self.pids else "a process this worker cannot see"
+        return f"vm {self.vm_id!r} clone is in use (held open by {who}); stop the VM first or release with force"
+
+
+@dataclass(eq=False)
+class InsufficientSpace(RootfsError):
+    """A copy would leave less free space on the clones filesystem than the reserve. Transient: space may be
+    freed (released clones), so a retry later may succeed; nothing was written."""
+
+    path: str
+    needed: int
+    free: int
+    reserve: int
+
+    @property
+    def transient(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return (
+            f"not enough space on {self.path}: a clone needs {self.needed} bytes, {self.free} are free and "
+            f"{self.reserve} must stay free (ROOTFS_MIN_FREE)"
+        )
+
+
+@dataclass(eq=False)
+class VmBusy(RootfsError):
+    """Another clone or release of this VM holds its lock; a caller that must not wait (a reconcile sweep)
+    leaves the VM alone. Transient: the other operation ends."""
+
+    vm_id: str
+
+    @property
+    def transient(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return f"vm {self.vm_id!r} is being cloned or released by another operation"

@@ -187,6 +187,24 @@ def test_seed_clone_is_adopted_untouched(world: World, vm_id: str, stack: str) -
     assert identity(clone) == before
 
 
+def test_seed_clones_are_listed_as_foreign_with_their_stack(world: World) -> None:
+    """Our inventory lists the seed's clones as `foreign`, their stack inferred from the stamp; adopting one
+    makes it `complete` with our record, and the seed still takes it."""
+    registry = world.registry()
+    registry.stacks()  # warm: the inference reads the cache only
+    for vm_id, stack in CLONES:
+        world.seed_clone(vm_id, stack)
+    listed = {c.dir: c for c in registry.clones()}
+    assert {d: (c.state, c.stack, c.stale) for d, c in listed.items()} == {
+        safe_vm_id(vm_id): ("foreign", stack, False) for vm_id, stack in CLONES
+    }
+    registry.clone_for_vm("vm-1", "base")
+    adopted = {c.dir: c for c in registry.clones()}["vm-1"]
+    assert (adopted.state, adopted.stack, adopted.vm_id) == ("complete", "base", "vm-1")
+    assert adopted.created == listed["vm-1"].created  # the seed's stamp time, not the adoption's
+    assert world.seed_clone("vm-1", "base")["source_sha256"] == adopted.source_sha256
+
+
 # ------------------------------------------------------------------------------------ registry -> seed
 
 

@@ -329,6 +329,7 @@ def test_clone_killed_mid_copy_leaves_no_complete_looking_file(env: Env) -> None
     rootfs = env.registry.clone_for_vm("vm-1", "big")
     assert sha256_of(rootfs.path) == env.expected[path]
     assert sorted(p.name for p in (env.clones_dir / "vm-1").iterdir()) == [
+        ".clone.json",
         ".vm-id",
         "rootfs.ext4",
         "rootfs.ext4.sha256",

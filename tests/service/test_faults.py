@@ -7,7 +7,6 @@ generous deadlines but never assert how long anything took.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import shutil
@@ -21,7 +20,7 @@ import pytest
 
 from tests.helpers import MIB, sha256_of, tmpfs_mount, wait_until, write_template
 from tests.workers import StartHost
-from worker import FilesystemError, RootfsConfig, RootfsRegistry
+from worker import InsufficientSpace, RootfsConfig, RootfsRegistry
 from worker.celery import create_app
 from worker.client import JobHandle, RootfsClient
 from worker.dev.processes import CeleryProcess, RedisServer
@@ -31,7 +30,7 @@ from worker.service.settings import Settings
 pytestmark = pytest.mark.slow
 
 #: What a finished clone directory holds, and nothing else.
-CLONE_FILES = [".vm-id", "rootfs.ext4", "rootfs.ext4.sha256"]
+CLONE_FILES = [".clone.json", ".vm-id", "rootfs.ext4", "rootfs.ext4.sha256"]
 
 #: Large enough that copying it from disk (page cache evicted first) plus the fsync takes seconds on ext4,
 #: so the kill lands mid-copy.
@@ -243,10 +242,11 @@ def test_ten_duplicate_clone_jobs_make_exactly_one_clone(start_host: StartHost, 
     assert host.worker.log().count(f"to {clone} by") == 1, "the template was copied more than once"
 
 
-def test_clone_into_a_full_disk_is_retried_then_fails_with_enospc(
+def test_clone_that_cannot_fit_is_retried_then_fails_having_written_nothing(
     small_tmpfs: Path, start_host: StartHost, client: RootfsClient
 ) -> None:
-    """A clone that cannot fit is retried, then fails with FilesystemError(ENOSPC), and leaves nothing behind."""
+    """A clone that cannot fit is refused before any copy (InsufficientSpace), retried, then reported; the
+    filesystem's free space never moved."""
     clones = small_tmpfs / "clones"
     host = start_host(
         "full",
@@ -257,27 +257,31 @@ def test_clone_into_a_full_disk_is_retried_then_fails_with_enospc(
     free_before = free_bytes(small_tmpfs)
 
     handle = client.clone(host="full", vm_id="vm-full", stack="base")
-    with pytest.raises(FilesystemError) as failure:
+    with pytest.raises(InsufficientSpace) as failure:
         handle.result(timeout=90)
 
-    assert failure.value.errno == errno.ENOSPC
-    assert "ENOSPC" in str(failure.value)
-    assert failure.value.path == str(clones / "vm-full" / "rootfs.ext4.partial")
+    assert failure.value.needed >= 24 * MIB
+    assert failure.value.path == str(clones)
+    assert failure.value.reserve == int(free_bytes_total(small_tmpfs) * 0.05)  # the default: 5%
     assert handle.result_handle.retries == 2  # three attempts, as the client sees them
     log = host.worker.log()
     assert "retry 1/2" in log and "retry 2/2" in log
-    assert "failed for good after 2 retries: FilesystemError" in log
-    assert not (clones / "vm-full").exists()
+    assert "failed for good after 2 retries: InsufficientSpace" in log
+    assert "by sparse-copy" not in log and not (clones / "vm-full").exists()
     assert partials_under(small_tmpfs) == []
     assert {p.name for p in clones.iterdir()} <= {".cache", ".locks"}
-    # The space the failed copies took is given back (the hash cache and lock files take a few KiB).
-    assert free_bytes(small_tmpfs) >= free_before - MIB
+    assert free_bytes(small_tmpfs) >= free_before - MIB  # the hash cache and lock files take a few KiB
+
+
+def free_bytes_total(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize
 
 
 def test_clone_into_a_full_disk_succeeds_once_space_is_freed(
     small_tmpfs: Path, start_host: StartHost, client: RootfsClient
 ) -> None:
-    """A clone that hits ENOSPC on its first attempt is retried and succeeds once space has been freed."""
+    """A clone refused for space on its first attempt is retried and succeeds once space has been freed."""
     clones = small_tmpfs / "clones"
     # Retries 1-2 s apart (up to 5 of them): enough room for the test to free space between two attempts.
     host = start_host(
@@ -302,7 +306,7 @@ def test_clone_into_a_full_disk_succeeds_once_space_is_freed(
     result = handle.result(timeout=90)
     assert_complete_clone(clones / "vm-freed", result, digest)
     log = host.worker.log()
-    assert "transient FilesystemError" in log and "(ENOSPC)" in log
+    assert "transient InsufficientSpace" in log
     assert "failed for good" not in log
     assert partials_under(small_tmpfs) == []
 

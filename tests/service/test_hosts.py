@@ -71,3 +71,17 @@ def test_a_heartbeat_survives_redis_errors() -> None:
         wait_until(lambda: [h["host"] for h in live_hosts(r)] == ["hv-1"], timeout=10, what="the host to reappear")
     finally:
         beat.stop()
+
+
+def test_a_heartbeat_carries_the_hosts_inventory_and_survives_its_failure(r: redis.Redis) -> None:
+    """Each beat adds the inventory (free space, reflink, clones, stacks); a failing inventory still announces."""
+    summary = {"free_bytes": 10, "total_bytes": 20, "reflink": True, "clones": 3, "stacks": {"base": None}}
+    Heartbeat(r, "hv-1", interval=60, ttl=5, queues=["q"], inventory=lambda: summary)._beat()
+    [info] = live_hosts(r)
+    assert {k: info[k] for k in summary} == summary and info["host"] == "hv-1"
+
+    def broken() -> dict[str, object]:
+        raise OSError("clones dir unreadable")
+
+    Heartbeat(r, "hv-2", interval=60, ttl=5, queues=["q"], inventory=broken)._beat()
+    assert "clones" not in live_hosts(r)[1] and live_hosts(r)[1]["host"] == "hv-2"

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.core.config import RootfsConfig
-from worker.core.layout import CACHE_DIR, CLONE_ROOTFS_FILE, CLONE_STAMP_FILE, LOCKS_DIR, OWNER_FILE, TRASH_DIR
+from worker.core.layout import CACHE_DIR, CLONE_ROOTFS_FILE, CLONE_STAMP_FILE, LOCKS_DIR, TRASH_DIR, record_names
 from worker.core.registry import RootfsRegistry
 from worker.errors import RootfsError
 
@@ -338,7 +338,7 @@ def _stray_locks(clones: Path) -> list[str]:
 
 
 #: Everything a complete VM directory may hold (the seed's two files and our records).
-VM_DIR_FILES = frozenset({CLONE_ROOTFS_FILE, CLONE_STAMP_FILE, OWNER_FILE})
+VM_DIR_FILES = frozenset({CLONE_ROOTFS_FILE, CLONE_STAMP_FILE, *record_names()})
 
 
 def _strangers(clones: Path) -> list[str]:

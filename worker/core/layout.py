@@ -4,6 +4,7 @@
     <clones_dir>/<safe_vm_id>/rootfs.ext4          the VM's writable disk
     <clones_dir>/<safe_vm_id>/rootfs.ext4.sha256   64 lowercase hex digits, no newline
     <clones_dir>/<safe_vm_id>/.vm-id               ours only: the caller's original vm id
+    <clones_dir>/<safe_vm_id>/.clone.json          ours only: {vm_id, stack, created}, for the inventory
 
 and ours only, under names no safe vm id can take (safe ids have no dots):
 
@@ -22,6 +23,9 @@ TEMPLATE_ROOTFS_FILE = "rootfs.ext4"
 CLONE_ROOTFS_FILE = "rootfs.ext4"
 CLONE_STAMP_FILE = "rootfs.ext4.sha256"
 OWNER_FILE = ".vm-id"
+#: JSON {vm_id, stack, created}: what the inventory reports that the seed's two files cannot say (which stack,
+#: when). `.vm-id` stays beside it, unchanged, because older workers check ownership by it alone.
+CLONE_RECORD_FILE = ".clone.json"
 PARTIAL_SUFFIX = ".partial"
 CACHE_DIR = ".cache"
 LOCKS_DIR = ".locks"
@@ -32,4 +36,14 @@ WARM_LOCK = ".warm.lock"
 
 def partials() -> tuple[str, ...]:
     """Names an interrupted write may leave in a VM directory; never part of a complete clone."""
-    return tuple(name + PARTIAL_SUFFIX for name in (CLONE_ROOTFS_FILE, CLONE_STAMP_FILE, OWNER_FILE))
+    return tuple(name + PARTIAL_SUFFIX for name in (CLONE_ROOTFS_FILE, CLONE_STAMP_FILE, *record_names()))
+
+
+def record_names() -> tuple[str, ...]:
+    """Our own records in a VM directory (the seed writes neither)."""
+    return (OWNER_FILE, CLONE_RECORD_FILE)
+
+
+def is_private(name: str) -> bool:
+    """Our own entries of the clones dir (cache, locks, trash): no safe vm id starts with a dot."""
+    return name.startswith(".")

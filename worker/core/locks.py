@@ -19,15 +19,19 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def exclusive(path: Path, *, remove_if: Callable[[], bool] | None = None) -> Iterator[None]:
+def exclusive(path: Path, *, remove_if: Callable[[], bool] | None = None, blocking: bool = True) -> Iterator[bool]:
     """Hold an exclusive lock on `path`; when `remove_if()` says so at the end, delete the lock file first.
 
     A waiter may have opened the old file before it was removed, so after locking we check that the path
-    still names the inode we hold, and start again if not: two holders at once are impossible.
+    still names the inode we hold, and start again if not: two holders at once are impossible. Yields True;
+    with `blocking=False` yields False at once (holding nothing, removing nothing) when someone else holds it.
     """
-    fd = _acquire(path)
+    fd = _acquire(path, blocking=blocking)
+    if fd is None:
+        yield False
+        return
     try:
-        yield
+        yield True
     finally:
         try:
             if remove_if is not None and remove_if():
@@ -47,13 +51,17 @@ def _remove(path: Path) -> None:
         log.warning("could not remove lock file %s: %s", path, exc)
 
 
-def _acquire(path: Path) -> int:
+def _acquire(path: Path, *, blocking: bool = True) -> int | None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    return None
                 held = os.fstat(fd)
                 try:
                     current = os.stat(path, follow_symlinks=False)

@@ -15,11 +15,13 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-from worker.core import cloning, durability, fsops, hashing, locks
+from worker.core import cloning, durability, fixup, fsops, hashing, inuse, inventory, locks, records, space
 from worker.core.config import RootfsConfig
+from worker.core.fixup import FixupReport
 from worker.core.hashcache import HashCache
 from worker.core.layout import (
     CACHE_DIR,
@@ -31,15 +33,19 @@ from worker.core.layout import (
     TRASH_DIR,
     WARM_LOCK,
     partials,
+    record_names,
 )
 from worker.core.models import CloneOrigin, HashWork, StackInfo, VmRootfs, WarmReport
 from worker.core.names import check_stack_name, check_vm_id
+from worker.core.reconcile import DEFAULT_OLDER_THAN, ReconcileReport, reconcile
 from worker.core.templates import Template, open_template, stack_names
 from worker.errors import (
+    CloneInUse,
     FilesystemError,
     RootfsError,
     StackNotFound,
     StampMismatch,
+    VmBusy,
     VmIdConflict,
 )
 
@@ -118,6 +124,41 @@ class RootfsRegistry:
                     warm.append(name)
         return WarmReport(tuple(hashed), tuple(warm), total, time.monotonic() - started, failed)
 
+    def cached_stacks(self) -> dict[str, str | None]:
+        """Every stack with its hash where the cache has it, None where cold: never hashes (heartbeats and
+        the inventory call this; a stack that cannot be opened is left out)."""
+        found: dict[str, str | None] = {}
+        for name in stack_names(self._config.template_dir):
+            with contextlib.suppress(RootfsError), open_template(self._config.template_dir, name) as template:
+                if template is not None:
+                    found[name] = self._cache.get(template.key)
+        return found
+
+    # -------------------------------------------------------------- inventory
+
+    def clones(self, *, pids: bool = True) -> list[inventory.CloneInfo]:
+        """Every VM directory on this host (worker.core.inventory); takes no lock, hashes nothing."""
+        return inventory.list_clones(self._config.clones_dir, self.cached_stacks(), pids=pids)
+
+    def host_summary(self) -> dict[str, Any]:
+        """Free/total bytes, reflink, clone count and warm stack hashes, for heartbeats."""
+        return inventory.host_summary(self._config.clones_dir, self.cached_stacks())
+
+    def reconcile(
+        self,
+        keep: Sequence[str],
+        *,
+        older_than: float = DEFAULT_OLDER_THAN,
+        dry_run: bool = True,
+        now: float | None = None,
+    ) -> ReconcileReport:
+        """Release every clone not in `keep`, old enough and not in use (worker.core.reconcile)."""
+        return reconcile(self, keep, older_than=older_than, dry_run=dry_run, now=now)
+
+    def fixup(self) -> FixupReport:
+        """Sweep what crashed operations left (worker.core.fixup); run when a worker starts."""
+        return fixup.sweep(self._config)
+
     @staticmethod
     def hash_file(path: str | os.PathLike[str]) -> str:
         return hashing.hash_file(path)
@@ -163,6 +204,10 @@ class RootfsRegistry:
                     if _clear_leftovers(dir_fd, vm_dir):
                         # Unlinking a hard link to the template moved its ctime: take its key anew.
                         template.refresh_key()
+                complete = dir_fd is not None and _has_disk(dir_fd)
+            if not complete:
+                # Before the hash and before any write: a copy that cannot fit is refused at once.
+                space.ensure_room(template.stat(), self._config.clones_dir, self._config.min_free)
             return self._clone_from(template, vm_dir, vm_id, safe_id, progress)
 
     def _clone_from(
@@ -173,7 +218,7 @@ class RootfsRegistry:
         with self._open_vm_dir(vm_dir, create=True) as dir_fd:
             assert dir_fd is not None
             existing = self._existing_clone(dir_fd, vm_dir, safe_id, info)
-            self._claim(dir_fd, vm_dir, vm_id)
+            self._claim(dir_fd, vm_dir, vm_id, info.name, existing)
             if existing:
                 self._flush_existing(dir_fd, vm_dir)
             else:
@@ -184,8 +229,19 @@ class RootfsRegistry:
                     raise
         return VmRootfs(safe_id, info.name, vm_dir / CLONE_ROOTFS_FILE, info.sha256, method)
 
-    def release(self, vm_id: str) -> bool:
+    def release(
+        self,
+        vm_id: str,
+        *,
+        force: bool = False,
+        wait: bool = True,
+        recheck: Callable[[int, Path], None] | None = None,
+    ) -> bool:
         """Remove the VM's clone; True if there was one. Releasing twice is not an error.
+
+        A disk another process holds open (a running VM) is refused with CloneInUse unless `force`. With
+        `wait=False` a VM whose lock is held raises VmBusy instead of waiting; `recheck(dir_fd, vm_dir)` runs
+        under the lock and may raise to spare the clone (reconcile re-checks its age there).
 
         The clone is gone for good once its directory is renamed into `.trash` and that rename is on disk;
         deleting the files comes after, outside the lock, and whatever a crash or an I/O error leaves of
@@ -195,11 +251,17 @@ class RootfsRegistry:
         clones = self._config.clones_dir
         vm_dir = clones / safe_id
         try:
-            with self._vm_lock(safe_id):
+            with self._vm_lock(safe_id, wait=wait, vm_id=vm_id):
                 with self._open_vm_dir(vm_dir, create=False) as dir_fd:
                     found = dir_fd is not None
                     if dir_fd is not None:
                         self._check_owner(dir_fd, vm_dir, vm_id, safe_id)
+                        if recheck is not None:
+                            recheck(dir_fd, vm_dir)
+                        if not force:
+                            usage = inuse.usage(dir_fd, CLONE_ROOTFS_FILE, vm_dir)
+                            if usage.in_use:
+                                raise CloneInUse(vm_id, list(usage.pids))
                 if found:
                     self._to_trash(vm_dir, safe_id)
         finally:
@@ -244,11 +306,15 @@ class RootfsRegistry:
 
     # ---------------------------------------------------------------- helpers
 
-    def _vm_lock(self, safe_id: str) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def _vm_lock(self, safe_id: str, *, wait: bool = True, vm_id: str | None = None) -> Iterator[None]:
         """Serialises clone and release of one VM across processes; the lock file goes with the VM."""
         vm_dir = self._config.clones_dir / safe_id
         path = self._config.clones_dir / LOCKS_DIR / f"{safe_id}.lock"
-        return locks.exclusive(path, remove_if=lambda: not os.path.lexists(vm_dir))
+        with locks.exclusive(path, remove_if=lambda: not os.path.lexists(vm_dir), blocking=wait) as held:
+            if not held:
+                raise VmBusy(vm_id if vm_id is not None else safe_id)
+            yield
 
     @contextlib.contextmanager
     def _open_vm_dir(self, vm_dir: Path, *, create: bool) -> Iterator[int | None]:
@@ -281,14 +347,16 @@ class RootfsRegistry:
         if owner and owner != vm_id:
             raise VmIdConflict(vm_id, safe_id, owner)
 
-    def _claim(self, dir_fd: int, vm_dir: Path, vm_id: str) -> None:
-        """Record who owns the directory (also when adopting a clone the seed made).
+    def _claim(self, dir_fd: int, vm_dir: Path, vm_id: str, stack: str, existing: bool) -> None:
+        """Record who owns the directory (also when adopting a clone the seed made), and for the inventory
+        which stack it holds and since when (worker.core.records).
 
         Not flushed on its own (one fsync less on the clone path): after a power cut the record may come
         back empty, which reads as no record, as for a directory the seed made.
         """
         if fsops.read_text(dir_fd, OWNER_FILE, vm_dir) != vm_id:
             fsops.write_atomic(dir_fd, OWNER_FILE, vm_id.encode("utf-8", "surrogatepass"), vm_dir, durable=False)
+        records.write_record(dir_fd, vm_dir, vm_id=vm_id, stack=stack, adopted=existing)
 
     def _existing_clone(self, dir_fd: int, vm_dir: Path, safe_id: str, info: StackInfo) -> bool:
         """True when a complete clone of these bytes is in place (ours or the seed's), False when none."""
@@ -414,6 +482,16 @@ def _discard_if_unused(dir_fd: int, vm_dir: Path) -> None:
     with contextlib.suppress(OSError, RootfsError):
         if os.path.lexists(vm_dir / CLONE_ROOTFS_FILE):
             return
-        for leftover in (CLONE_STAMP_FILE, OWNER_FILE, *partials()):
+        for leftover in (CLONE_STAMP_FILE, *record_names(), *partials()):
             fsops.unlink(dir_fd, leftover, vm_dir)
         os.rmdir(vm_dir)
+
+
+def _has_disk(dir_fd: int) -> bool:
+    try:
+        os.stat(CLONE_ROOTFS_FILE, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # let the clone path report it, as it did before the space check
+    return True

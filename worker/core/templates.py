@@ -47,6 +47,10 @@ class Template:
         if now != self.key:
             raise TemplateChanged(str(self.path), f"size {self.key.size} -> {now.size}, stat changed")
 
+    def stat(self) -> os.stat_result:
+        """The template's stat now, as a FilesystemError when even that fails."""
+        return _fstat(self.fd, self.path)
+
     def refresh_key(self) -> None:
         """Take the key anew (after our own unlink of a hard link to it moved its ctime)."""
         self.key = FileKey.of(_fstat(self.fd, self.path))

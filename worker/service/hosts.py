@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -22,8 +23,22 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "rootfs:host:"
 
 
-def announce(client: redis.Redis, host: str, *, ttl: int, queues: list[str]) -> None:
-    info = {"host": host, "queues": queues, "node": socket.gethostname(), "pid": os.getpid(), "seen": time.time()}
+#: What a heartbeat adds about the host (RootfsRegistry.host_summary: free/total bytes, reflink, clones,
+#: stacks); must be cheap and never hash: it runs every heartbeat interval.
+Inventory = Callable[[], dict[str, Any]]
+
+
+def announce(
+    client: redis.Redis, host: str, *, ttl: int, queues: list[str], extra: dict[str, Any] | None = None
+) -> None:
+    info = {
+        **(extra or {}),
+        "host": host,
+        "queues": queues,
+        "node": socket.gethostname(),
+        "pid": os.getpid(),
+        "seen": time.time(),
+    }
     client.set(KEY_PREFIX + host, json.dumps(info), ex=ttl)
 
 
@@ -50,8 +65,18 @@ def live_hosts(client: redis.Redis) -> list[dict[str, Any]]:
 class Heartbeat:
     """Announces a host every `interval` seconds from a daemon thread until stopped."""
 
-    def __init__(self, client: redis.Redis, host: str, *, interval: float, ttl: int, queues: list[str]) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        host: str,
+        *,
+        interval: float,
+        ttl: int,
+        queues: list[str],
+        inventory: Inventory | None = None,
+    ) -> None:
         self._client = client
+        self._inventory = inventory
         self._host = host
         self._interval = interval
         self._ttl = ttl
@@ -76,7 +101,13 @@ class Heartbeat:
             self._beat()
 
     def _beat(self) -> None:
+        extra: dict[str, Any] | None = None
+        if self._inventory is not None:
+            try:
+                extra = self._inventory()
+            except Exception as exc:  # noqa: BLE001 - a host that cannot count its clones is still live
+                log.warning("host inventory for %s failed: %s", self._host, exc)
         try:
-            announce(self._client, self._host, ttl=self._ttl, queues=self._queues)
+            announce(self._client, self._host, ttl=self._ttl, queues=self._queues, extra=extra)
         except redis.RedisError as exc:  # Redis away for a moment: the next beat tries again.
             log.warning("heartbeat for host %s failed: %s", self._host, exc)

@@ -1,4 +1,5 @@
-"""What a worker does around its life: announce its host while it runs, warm its hashes when it starts."""
+"""What a worker does around its life: when it starts, sweep what crashed operations left, probe whether its
+clones filesystem reflinks, announce its host (with the host's inventory) while it runs, warm its hashes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 
+from worker.core import space
+from worker.errors import RootfsError
 from worker.service import runtime
 from worker.service.hosts import Heartbeat
 from worker.service.queues import host_queues, worker_queue_names
@@ -16,15 +19,32 @@ log = logging.getLogger(__name__)
 _heartbeats: list[Heartbeat] = []
 
 
+def start_up_sweep() -> None:
+    """Before the first job: what crashed clones and releases left (worker.core.fixup; it logs each
+    removal), and the reflink probe the heartbeat reports. A failure is logged, never fatal: the worker
+    serving clones matters more than a tidy clones dir."""
+    s = runtime.settings()
+    try:
+        runtime.registry().fixup()
+    except (RootfsError, OSError) as exc:
+        log.warning("start-up sweep of %s failed: %s", s.clones_dir, exc)
+    try:
+        space.probe_reflink(s.clones_dir)
+    except OSError as exc:
+        log.warning("reflink probe of %s failed: %s", s.clones_dir, exc)
+
+
 @worker_ready.connect
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     s = runtime.settings()
+    start_up_sweep()
     beat = Heartbeat(
         runtime.redis_client(),
         s.host,
         interval=s.heartbeat_interval,
         ttl=s.heartbeat_ttl,
         queues=worker_queue_names(s.host),
+        inventory=runtime.registry().host_summary,
     )
     beat.start()
     _heartbeats.append(beat)

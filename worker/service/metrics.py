@@ -25,10 +25,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from worker.core import inventory
 from worker.core.hashcache import FileKey, HashCache
-from worker.core.layout import CACHE_DIR, CLONE_ROOTFS_FILE
+from worker.core.layout import CACHE_DIR
 from worker.core.models import HashWork
 from worker.core.templates import resolve_template, stack_names
+from worker.errors import RootfsError
 from worker.service.health import check_live, check_ready
 
 if TYPE_CHECKING:
@@ -64,7 +66,16 @@ DURATION_BUCKETS = (
 METRICS_SUBDIR = "metrics"
 
 #: The jobs `rootfs_jobs_in_progress` reports (each with 0 when none runs, so the series never vanish).
-JOB_TASKS = ("clone_for_vm", "release_vm", "scan_stacks", "warm_hashes", "fanout_warm", "ping")
+JOB_TASKS = (
+    "clone_for_vm",
+    "release_vm",
+    "scan_stacks",
+    "warm_hashes",
+    "fanout_warm",
+    "ping",
+    "list_clones",
+    "reconcile",
+)
 
 #: Running jobs by task name, read in the main process at scrape time (worker.service.observability).
 ActiveJobs = Callable[[], Iterable[str]]
@@ -301,19 +312,12 @@ def _ok(probe: Any, path: Path, max_age: float) -> float:
 
 
 def _clones(clones_dir: Path) -> tuple[int, int]:
-    """VM directories (dot-names are the registry's own) and the bytes their images allocate."""
-    count = allocated = 0
+    """VM directories and the bytes their images allocate (worker.core.inventory, shared with the inventory:
+    the same names count as clones there and here)."""
     try:
-        entries = list(os.scandir(clones_dir))
-    except OSError:
+        return inventory.clone_totals(clones_dir)
+    except RootfsError:
         return 0, 0
-    for entry in entries:
-        if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
-            continue
-        count += 1
-        with contextlib.suppress(OSError):
-            allocated += os.lstat(os.path.join(entry.path, CLONE_ROOTFS_FILE)).st_blocks * 512
-    return count, allocated
 
 
 def scrape_registry(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from worker.core.config import CLONES_DIR_VAR, DEFAULT_CLONES_DIR, DEFAULT_TEMPLATE_DIR, TEMPLATE_DIR_VAR, RootfsConfig
+from worker.core.space import DEFAULT_RESERVE, MIN_FREE_VAR, Reserve
 from worker.errors import InvalidArgument
 from worker.service.queues import check_host
 
@@ -149,6 +150,14 @@ SETTINGS: tuple[Setting[Any], ...] = (
         "where per-VM clones are written (`<dir>/<vm>/rootfs.ext4`)",
     ),
     Setting(
+        MIN_FREE_VAR,
+        "min_free",
+        Reserve.parse,
+        DEFAULT_RESERVE,
+        "space a copy must leave free on the clones filesystem: bytes (`10G`) or a percentage of it (`5%`);"
+        " a clone that would eat into it fails at once with InsufficientSpace",
+    ),
+    Setting(
         "CELERY_BROKER_URL",
         "broker_url",
         text,
@@ -253,6 +262,7 @@ class Settings:
 
     template_dir: Path
     clones_dir: Path
+    min_free: Reserve
     broker_url: str
     result_backend: str
     host: str
@@ -274,8 +284,8 @@ class Settings:
 
     @property
     def rootfs(self) -> RootfsConfig:
-        """The core's view: the two directories it shares with the Rust runtime."""
-        return RootfsConfig(self.template_dir, self.clones_dir)
+        """The core's view: the two directories it shares with the Rust runtime, and the space reserve."""
+        return RootfsConfig(self.template_dir, self.clones_dir, self.min_free)
 
     @property
     def heartbeat_ttl(self) -> int:
