@@ -152,8 +152,12 @@ class RootfsRegistry:
         dry_run: bool = True,
         now: float | None = None,
     ) -> ReconcileReport:
-        """Release every clone not in `keep`, old enough and not in use (worker.core.reconcile)."""
-        return reconcile(self, keep, older_than=older_than, dry_run=dry_run, now=now)
+        """Release every clone not in `keep`, old enough and not in use (worker.core.reconcile); then finish
+        what earlier releases left (trash, lock files of gone VMs), so a reconcile that died converges."""
+        report = reconcile(self, keep, older_than=older_than, dry_run=dry_run, now=now)
+        if not dry_run:
+            fixup.sweep_released(self._config.clones_dir)
+        return report
 
     def fixup(self) -> FixupReport:
         """Sweep what crashed operations left (worker.core.fixup); run when a worker starts."""
