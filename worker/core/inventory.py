@@ -231,7 +231,10 @@ def _open_disk(dir_fd: int, name: str, *, in_use: bool) -> tuple[os.stat_result 
     except OSError:
         return None, True
     try:
-        st = os.fstat(fd)
+        try:
+            st = os.fstat(fd)
+        except OSError:  # as when it cannot be opened: unknown, so treated as in use
+            return None, True
         if not in_use or not stat.S_ISREG(st.st_mode):
             return st, True
         return st, inuse.lease_probe(fd, release=False)
