@@ -106,7 +106,10 @@ def probe(dir_fd: int, name: str, path: Path) -> tuple[FileId | None, bool | Non
             return None, None
         raise FilesystemError.from_os(exc, op="check clone in use", path=path / name) from exc
     try:
-        st = os.fstat(fd)
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise FilesystemError.from_os(exc, op="check clone in use", path=path / name) from exc
         if not stat.S_ISREG(st.st_mode):
             return None, None
         return (st.st_dev, st.st_ino), lease_probe(fd)
