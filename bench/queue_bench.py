@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
+from kombu import Queue
+from kombu.utils.json import loads as kombu_loads
+
 from bench.celery_host import Host, celery_host, default_concurrency
 from bench.common import (
     MIB,
@@ -34,6 +38,8 @@ from worker.client import JobHandle
 from worker.core.config import RootfsConfig
 from worker.core.registry import RootfsRegistry
 from worker.dev.templates import write_sparse
+from worker.service.envelope import Limits, check_task_message, parse_item
+from worker.service.queues import host_queues
 
 HOST = "bench-e2e"
 STACK = "small"
@@ -57,6 +63,9 @@ class _Samples:
     create_us: dict[str, float] = field(default_factory=dict)
     no_journal: bool = False
     concurrency: int = 2
+    #: Median seconds per message: the worker's queue-item check, and kombu's own parse it replaces.
+    check_s: float = 0.0
+    kombu_parse_s: float = 0.0
 
 
 def run_section(ctx: Context) -> Section:
@@ -81,6 +90,7 @@ def _run_at(ctx: Context, concurrency: int) -> tuple[list[Row], list[str]]:
         _latency(ctx, host, registry, s, rounds=ctx.reps(full=150, quick=30))
         _throughput(ctx, host, s, rounds=ctx.reps(full=3, quick=1), burst=ctx.reps(full=150, quick=40))
         s.create_us["end"] = _create_cost(host.clones_dir)
+        s.check_s, s.kombu_parse_s = _check_cost(host, rounds=ctx.reps(full=20, quick=5))
         leftovers = _clones_left(host.clones_dir)
     return _rows(s), [*_notes(s, leftovers), _log_note(host.log)]
 
@@ -184,6 +194,38 @@ def _check(kind: str, result: Any, s: _Samples) -> None:
         s.not_released += 1
 
 
+def _check_cost(host: Host, *, rounds: int, per_round: int = 2000) -> tuple[float, float]:
+    """Seconds per message of the transport's queue-item check (worker/service/envelope.py) on a clone job
+    exactly as RootfsClient sends it, against kombu's `loads` of the same item, which the check replaces (the
+    worker parses the envelope once either way; the check also decodes the body, which Celery decodes again)."""
+    # An unconsumed queue holds the client's exact bytes for us to read back.
+    parked = "bench.unconsumed"
+    host.client._app.send_task(
+        "rootfs.clone_for_vm",
+        kwargs={"vm_id": "vm-check", "stack": STACK, "host": host.name},
+        queue=Queue(parked),
+        expires=600,
+    )
+    conn = redis.Redis.from_url(str(host.client._app.conf.broker_url))
+    try:
+        item = conn.rpop(parked)
+    finally:
+        conn.close()
+    assert isinstance(item, bytes)
+    queue, limits = host_queues(host.name).fast, Limits(max_time_limit=1800, max_eta_ahead=360)
+    checks, parses = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(per_round):
+            check_task_message(parse_item(item), queue, limits)
+        checks.append((time.perf_counter() - start) / per_round)
+        start = time.perf_counter()
+        for _ in range(per_round):
+            kombu_loads(item)
+        parses.append((time.perf_counter() - start) / per_round)
+    return median(checks), median(parses)
+
+
 def _clones_left(clones_dir: Path) -> int:
     """VM directories still present after the run (dot-names are the registry's own)."""
     return sum(1 for entry in os.scandir(clones_dir) if not entry.name.startswith("."))
@@ -228,6 +270,15 @@ def _rows(s: _Samples) -> list[Row]:
                 Target(">=", 0.6),
             ),
         ]
+    rows.append(
+        Row(
+            f"queue-item check per clone message (worker/service/envelope.py) / `rootfs.ping` p50{at}",
+            f"{s.check_s * 1e6:.1f} µs",
+            ms(ping50),
+            ratio(s.check_s, ping50),
+            Target("<=", 0.02),
+        )
+    )
     for row in rows:
         if row.met is False:
             row.why = _why(row, s)
@@ -289,6 +340,10 @@ def _throughput_why(s: _Samples) -> str:
     )
 
 
+def _ping50(s: _Samples) -> float:
+    return median(s.latency["ping"])
+
+
 def _notes(s: _Samples, leftovers: int) -> list[str]:
     lat, rate = s.latency, s.rate
     return [
@@ -313,4 +368,8 @@ def _notes(s: _Samples, leftovers: int) -> list[str]:
         f"release {ms(median(s.in_process['release']))} ({_per_call(s, 'release')}). Creating an empty file "
         f"in the clones dir: {s.create_us['start']:.0f} µs (median) before the first job, "
         f"{s.create_us['end']:.0f} µs after the last.",
+        f"Queue-item check: {s.check_s * 1e6:.1f} µs per clone message (median of rounds of 2000, in the "
+        "benchmark process, on the bytes RootfsClient sends), of which kombu's own parse of the item, which the "
+        f"check replaces, is {s.kombu_parse_s * 1e6:.1f} µs: the check adds "
+        f"{(s.check_s - s.kombu_parse_s) * 1e6:.1f} µs to a job whose empty-task floor is {ms(_ping50(s))}.",
     ]

@@ -11,6 +11,9 @@ command -v losetup >/dev/null 2>&1 || need_apt+=(mount)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v strace >/dev/null 2>&1 || need_apt+=(strace)  # the fault sweep (tests/core/test_fault_sweep.py)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+# Node.js only for the foreign-client test (tests/service/test_foreign_clients.py runs celery-node from npm).
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 if ((${#need_apt[@]})); then
   if [ "$(id -u)" -eq 0 ]; then SUDO=(); else SUDO=(sudo); fi
   echo "bootstrap: installing ${need_apt[*]} from Debian's packages" >&2

@@ -90,6 +90,7 @@ def test_public_api_is_pinned() -> None:
         "FilesystemError",
         "InsufficientSpace",
         "InvalidArgument",
+        "InvalidMessage",
         "InvalidStackName",
         "InvalidVmId",
         "RemoteError",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from celery import Celery
 
 from worker.celery import create_app
 from worker.client import RootfsClient
@@ -111,7 +112,25 @@ def start_host(tmp_path: Path, redis_url: str) -> Iterator[StartHost]:
 
 
 @pytest.fixture
-def client(redis_url: str) -> RootfsClient:
+def client(redis_url: str) -> Iterator[RootfsClient]:
     """A scheduler's client on the same Redis (its own ROOTFS_HOST does not matter to it)."""
     env = {"CELERY_BROKER_URL": redis_url, "CELERY_RESULT_BACKEND": redis_url, "ROOTFS_HOST": "scheduler"}
-    return RootfsClient(create_app(Settings.from_env(env)))
+    app = create_app(Settings.from_env(env))
+    yield RootfsClient(app)
+    _close_connections(app)
+
+
+def _close_connections(app: Celery) -> None:
+    """Close the result backend's sockets (its subscription and its pool) now, rather than when the garbage
+    collector finds them: an unclosed socket collected later is a ResourceWarning, which the suite turns into
+    an error in whatever test happens to be running. (The producer pool is kombu's, shared by every app on
+    the same broker URL: it stays open for the next test.)"""
+    backend = app._backend
+    if backend is not None:
+        consumer = getattr(backend, "result_consumer", None)
+        if consumer is not None:
+            consumer.stop()
+        redis_client = getattr(backend, "client", None)
+        if redis_client is not None:
+            redis_client.connection_pool.disconnect()
+    app.close()

@@ -15,6 +15,7 @@ from kombu import Queue
 
 from worker.service import observability
 from worker.service.queues import FANOUT_QUEUE, host_queues, worker_queue_names
+from worker.service.refusals import RefusalReporting
 from worker.service.request import RootfsTask
 from worker.service.settings import Settings
 
@@ -35,6 +36,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "socket_keepalive": True,
         "health_check_interval": 10,
         "retry_on_timeout": True,
+        # Read by worker.service.transport: items of these queues must be task messages this worker can run
+        # (anything else is dropped before Celery reads it); a message may not ask for a longer time limit
+        # than the worker's, nor an eta so far ahead that the visibility sweep would hand it out again.
+        "rootfs_task_queues": worker_queue_names(s.host),
+        "rootfs_max_time_limit": s.time_limit,
+        "rootfs_max_eta_ahead": s.visibility_timeout - s.time_limit,
     }
     return {
         "broker_url": s.broker_url,
@@ -100,6 +107,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def create_app(settings: Settings | None = None) -> Celery:
     """An app configured from `settings`, or lazily from the environment when none is given."""
     app = Celery("rootfs", include=TASK_MODULES, set_as_current=settings is None, task_cls=RootfsTask)
+    # Queue items the transport refuses get a FAILURE under their id and a task-failed event.
+    app.steps["consumer"].add(RefusalReporting)
     if settings is None:
         app.add_defaults(lambda: celery_config(Settings.from_env(os.environ)))
     else:

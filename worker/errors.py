@@ -248,3 +248,15 @@ class VmBusy(RootfsError):
 
     def describe(self) -> str:
         return f"vm {self.vm_id!r} is being cloned or released by another operation"
+
+
+@dataclass(eq=False)
+class InvalidMessage(RootfsError):
+    """The worker refused a queue item before running it (not JSON, wrong shape, a header it cannot honour);
+    stored under the item's task id so that whoever sent it learns why. Sending it again will not help."""
+
+    task_id: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"message {self.task_id} refused: {self.reason}"
