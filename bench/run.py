@@ -29,7 +29,17 @@ from types import FrameType
 if __package__ in (None, ""):  # run as a script: make `bench` and `worker` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import clone_bench, hash_bench, lifecycle_bench, metrics_bench, queue_bench, report, scan_bench, warm_bench
+from bench import (
+    clone_bench,
+    hash_bench,
+    lifecycle_bench,
+    metrics_bench,
+    queue_bench,
+    report,
+    scan_bench,
+    signing_bench,
+    warm_bench,
+)
 from bench.common import PROJECT_ROOT, Context, Row, Section
 from bench.machine import describe
 
@@ -42,6 +52,7 @@ SECTIONS: dict[str, Callable[[Context], Section]] = {
     "scan": scan_bench.run_section,
     "lifecycle": lifecycle_bench.run_section,
     "metrics": metrics_bench.run_section,
+    "signing": signing_bench.run_section,
 }
 
 DEFAULT_OUTPUT = PROJECT_ROOT / "docs" / "benchmarks.md"

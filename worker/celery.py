@@ -13,7 +13,7 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
-from worker.service import observability
+from worker.service import connection, observability, signing
 from worker.service.queues import FANOUT_QUEUE, host_queues, worker_queue_names
 from worker.service.refusals import RefusalReporting
 from worker.service.request import RootfsTask
@@ -42,10 +42,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "rootfs_task_queues": worker_queue_names(s.host),
         "rootfs_max_time_limit": s.time_limit,
         "rootfs_max_eta_ahead": s.visibility_timeout - s.time_limit,
+        # With signing on, only signed task messages pass the envelope check (worker/service/signing.py).
+        "rootfs_content_type": signing.content_type(s),
     }
-    return {
+    conf = {
         "broker_url": s.broker_url,
-        "broker_transport": "worker.service.transport:Transport",
+        # Our transport mends a kombu defect (see transport.py); a sentinel:// broker needs its Sentinel twin.
+        "broker_transport": "worker.service.transport:"
+        + ("SentinelTransport" if connection.scheme(s.broker_url) == "sentinel" else "Transport"),
         "result_backend": s.result_backend,
         # JSON only, everywhere: with pickle, anyone who can write to Redis runs code on every host.
         "task_serializer": "json",
@@ -66,10 +70,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
-        "broker_transport_options": transport,
+        "broker_transport_options": {**transport, **connection.sentinel_transport_options(s, s.broker_url)},
         "result_backend_transport_options": {
             "visibility_timeout": s.visibility_timeout,
             "retry_policy": {"max_retries": 30, "interval_start": 0, "interval_step": 1, "interval_max": 5},
+            **connection.sentinel_transport_options(s, s.result_backend),
         },
         # Storing a result reads the old one first, outside the backend's retry_policy: without these a
         # clone that finishes while Redis restarts is lost as "Exception raised outside body".
@@ -102,6 +107,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         },
         "timezone": "UTC",
     }
+    # TLS (broker_use_ssl, redis_backend_use_ssl) and message signing (the auth serializer), when configured.
+    return {**conf, **connection.celery_options(s), **signing.celery_options(s)}
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -113,6 +120,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         app.add_defaults(lambda: celery_config(Settings.from_env(os.environ)))
     else:
         app.conf.update(celery_config(settings))
+    signing.install(app)
     observability.install(app)  # heartbeat file, readiness, metrics server: worker.service.observability
     return app
 
@@ -120,4 +128,5 @@ def create_app(settings: Settings | None = None) -> Celery:
 app = create_app()
 
 # Worker lifecycle hooks (heartbeat, warm-up on start) are connected by importing the module.
-import worker.service.lifecycle  # noqa: E402,F401
+import worker.service.lifecycle  # noqa: E402
+import worker.service.preflight  # noqa: E402,F401  (start-up check of the Redis settings)

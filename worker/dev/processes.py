@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import redis
@@ -39,10 +39,22 @@ def redis_answers(url: str, *, timeout: float = 1.0) -> bool:
 class RedisServer:
     """A redis-server of our own on a free port; `appendonly` for tests that restart it and lose nothing."""
 
-    def __init__(self, workdir: Path, *, port: int | None = None, appendonly: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        appendonly: bool = False,
+        extra: Sequence[str] = (),
+        ready: Callable[[], bool] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.appendonly = appendonly
+        #: More redis-server arguments (TLS, ACL file, replicaof, --sentinel...), and how to tell it answers
+        #: when a plain PING on `url` cannot (a TLS-only server, a server whose default user is off).
+        self.extra = list(extra)
+        self.ready = ready
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -72,11 +84,13 @@ class RedisServer:
             "noeviction",
             "--daemonize",
             "no",
+            *self.extra,
         ]
         with (self.workdir / "redis.log").open("ab") as log:  # the child keeps its own copy of the fd
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 10
-        while not redis_answers(self.url, timeout=0.2):
+        answers = self.ready or (lambda: redis_answers(self.url, timeout=0.2))
+        while not answers():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server on port {self.port} did not start; see {self.workdir}/redis.log")
             time.sleep(0.05)

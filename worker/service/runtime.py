@@ -8,6 +8,7 @@ import os
 import redis
 
 from worker.core.registry import RootfsRegistry
+from worker.service.connection import redis_for
 from worker.service.settings import Settings
 
 
@@ -23,4 +24,5 @@ def registry() -> RootfsRegistry:
 
 @functools.cache
 def redis_client() -> redis.Redis:
-    return redis.Redis.from_url(settings().broker_url, socket_connect_timeout=5, socket_timeout=10)
+    # The broker's Redis with the broker's TLS, ACL user and Sentinel settings (heartbeats live there).
+    return redis_for(settings())

@@ -96,6 +96,14 @@ def text(raw: str) -> str:
     return raw
 
 
+def optional_path(raw: str) -> Path | None:
+    return Path(raw)
+
+
+def optional_text(raw: str) -> str | None:
+    return raw
+
+
 def host_name(raw: str) -> str:
     try:
         return check_host(raw)
@@ -165,6 +173,32 @@ SETTINGS: tuple[Setting[Any], ...] = (
         "Redis broker; also holds the host heartbeats",
     ),
     Setting("CELERY_RESULT_BACKEND", "result_backend", text, "redis://localhost:6379/0", "Redis result backend"),
+    # Production Redis (README "Production Redis"): TLS, Sentinel. ACL users go in the URLs (user:password@).
+    Setting(
+        "ROOTFS_REDIS_CA",
+        "redis_ca",
+        optional_path,
+        None,
+        "CA the Redis server's certificate must chain to; required by `rediss://`, turns TLS on for `sentinel://`",
+        "unset",
+    ),
+    Setting(
+        "ROOTFS_REDIS_CERT",
+        "redis_cert",
+        optional_path,
+        None,
+        "client certificate, for a Redis that demands one (`tls-auth-clients yes`); with `ROOTFS_REDIS_KEY`",
+        "unset",
+    ),
+    Setting("ROOTFS_REDIS_KEY", "redis_key", optional_path, None, "private key of `ROOTFS_REDIS_CERT`", "unset"),
+    Setting(
+        "ROOTFS_REDIS_MASTER_NAME",
+        "redis_master_name",
+        optional_text,
+        None,
+        "Sentinel master name; required by (and only allowed with) `sentinel://` URLs",
+        "unset",
+    ),
     Setting(
         "ROOTFS_HOST",
         "host",
@@ -253,6 +287,31 @@ SETTINGS: tuple[Setting[Any], ...] = (
         "seconds after which a heartbeat file no longer counts as live (`rootfs-worker health --live`)",
         "3 x heartbeat interval (at least 3)",
     ),
+    # Message signing (optional; needs the `signing` extra): all three or none.
+    Setting(
+        "ROOTFS_SIGNING_KEY",
+        "signing_key",
+        optional_path,
+        None,
+        "private key (PEM) this process signs its messages with; turns signing on",
+        "unset",
+    ),
+    Setting(
+        "ROOTFS_SIGNING_CERT",
+        "signing_cert",
+        optional_path,
+        None,
+        "certificate (PEM) of `ROOTFS_SIGNING_KEY`, sent with every message",
+        "unset",
+    ),
+    Setting(
+        "ROOTFS_SIGNING_TRUSTED",
+        "signing_trusted",
+        text,
+        "",
+        "glob of the certificates (PEM) whose messages this process accepts, e.g. `/etc/rootfs/trusted/*.pem`",
+        "unset",
+    ),
 )
 
 
@@ -265,6 +324,10 @@ class Settings:
     min_free: Reserve
     broker_url: str
     result_backend: str
+    redis_ca: Path | None
+    redis_cert: Path | None
+    redis_key: Path | None
+    redis_master_name: str | None
     host: str
     concurrency: int
     time_limit: int
@@ -281,6 +344,9 @@ class Settings:
     metrics_port: int | None
     run_dir: Path
     liveness_max_age: float
+    signing_key: Path | None
+    signing_cert: Path | None
+    signing_trusted: str
 
     @property
     def rootfs(self) -> RootfsConfig:
@@ -313,6 +379,36 @@ class Settings:
                 f"longest retry delay ({self.time_limit} + {self.retry_cap:g}): Redis would redeliver a job "
                 "that is still running or waiting for its retry"
             )
+        self._check_redis()
+        self._check_signing()
+
+    def _check_redis(self) -> None:
+        """Refuse TLS and Sentinel settings that would silently not be used, or not verify the server."""
+        if (self.redis_cert is None) != (self.redis_key is None):
+            raise ValueError("ROOTFS_REDIS_CERT and ROOTFS_REDIS_KEY go together: set both or neither")
+        for var, url in (("CELERY_BROKER_URL", self.broker_url), ("CELERY_RESULT_BACKEND", self.result_backend)):
+            scheme = url.partition("://")[0].lower()
+            if scheme == "rediss" and self.redis_ca is None:
+                # kombu would otherwise connect with ssl_cert_reqs=CERT_NONE: encrypted, but to anyone.
+                raise ValueError(f"{var} is rediss:// but ROOTFS_REDIS_CA is unset: the server could not be verified")
+            if scheme == "redis" and self.redis_ca is not None:
+                raise ValueError(f"ROOTFS_REDIS_CA is set but {var} is redis:// (clear text): use rediss://")
+            if scheme == "sentinel" and not self.redis_master_name:
+                raise ValueError(f"{var} is sentinel:// but ROOTFS_REDIS_MASTER_NAME is unset")
+        urls = (self.broker_url, self.result_backend)
+        if self.redis_master_name and not any(u.lower().startswith("sentinel://") for u in urls):
+            raise ValueError("ROOTFS_REDIS_MASTER_NAME is set but neither URL is sentinel://")
+
+    def _check_signing(self) -> None:
+        given = [self.signing_key is not None, self.signing_cert is not None, bool(self.signing_trusted)]
+        if any(given) and not all(given):
+            raise ValueError(
+                "message signing needs ROOTFS_SIGNING_KEY, ROOTFS_SIGNING_CERT and ROOTFS_SIGNING_TRUSTED together"
+            )
+
+    @property
+    def signing(self) -> bool:
+        return self.signing_key is not None
 
 
 def field_names() -> list[str]:

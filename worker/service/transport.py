@@ -32,7 +32,14 @@ import redis
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 
-from worker.service.envelope import BadMessage, Limits, check_envelope, check_task_message, parse_item
+from worker.service.envelope import (
+    CONTENT_TYPE,
+    BadMessage,
+    Limits,
+    check_envelope,
+    check_task_message,
+    parse_item,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +119,15 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
     rootfs_task_queues: tuple[str, ...] | list[str] = ()
     rootfs_max_time_limit: float | None = None
     rootfs_max_eta_ahead: float | None = None
+    #: application/json, or the signing serializer's type when signing is on (worker/service/signing.py).
+    rootfs_content_type: str = CONTENT_TYPE
 
     from_transport_options = (
         *kombu_redis.Channel.from_transport_options,
         "rootfs_task_queues",
         "rootfs_max_time_limit",
         "rootfs_max_eta_ahead",
+        "rootfs_content_type",
     )
 
     def _connparams(self, asynchronous: bool = False) -> Any:
@@ -133,7 +143,11 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         try:
             payload = parse_item(item)
             if queue in self.rootfs_task_queues:
-                limits = Limits(max_time_limit=self.rootfs_max_time_limit, max_eta_ahead=self.rootfs_max_eta_ahead)
+                limits = Limits(
+                    max_time_limit=self.rootfs_max_time_limit,
+                    max_eta_ahead=self.rootfs_max_eta_ahead,
+                    content_type=self.rootfs_content_type,
+                )
                 return check_task_message(payload, queue, limits, now=datetime.now(UTC))
             return check_envelope(payload)
         except BadMessage as exc:
@@ -227,3 +241,17 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
 
 class Transport(kombu_redis.Transport):  # type: ignore[misc]
     Channel = Channel
+
+
+# Sentinel (issue 13): a `sentinel://` broker URL needs kombu's SentinelChannel, which finds the master through
+# the sentinels. Ours is both: the mended Channel above first in the MRO, so every fix made to it applies to
+# Sentinel too, then kombu's SentinelChannel for the pool. Selected in worker/celery.py by the URL's scheme.
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):  # type: ignore[misc]
+    # Both lists: ours (rootfs_*) come first in the MRO and would hide master_name, sentinel_kwargs...
+    from_transport_options = tuple(
+        dict.fromkeys((*Channel.from_transport_options, *kombu_redis.SentinelChannel.from_transport_options))
+    )
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):  # type: ignore[misc]
+    Channel = SentinelChannel
