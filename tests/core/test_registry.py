@@ -395,21 +395,22 @@ def test_damaged_cache_entry_is_a_miss_not_a_wrong_hash(env: Env) -> None:
 def test_template_changing_during_clone_fails_transient_and_leaves_nothing(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """If the template changes while it is copied, the clone fails (retryable) and nothing is left."""
+    """If the template's metadata changes while it is copied (chmod moves its ctime), the clone fails
+    (retryable) and nothing is left; a writer is caught earlier, by the lease (test_crash_safety.py)."""
     path = env.template("base", b"version-1" * 100)
-    env.forget(path)
     real = cloning.clone_fd
 
-    def operator_rewrites_template(src: int, dst: int, **kw: Any) -> cloning.CloneMethod:
-        with path.open("ab") as f:
-            f.write(b"version-2")
+    def operator_changes_template(src: int, dst: int, **kw: Any) -> cloning.CloneMethod:
+        os.chmod(path, 0o600)
         return real(src, dst, **kw)
 
-    monkeypatch.setattr(cloning, "clone_fd", operator_rewrites_template)
+    monkeypatch.setattr(cloning, "clone_fd", operator_changes_template)
     with pytest.raises(TemplateChanged) as info:
         env.registry.clone_for_vm("vm-1", "base")
     assert info.value.transient
     assert not (env.clones_dir / "vm-1").exists()
+    monkeypatch.setattr(cloning, "clone_fd", real)
+    assert env.registry.clone_for_vm("vm-1", "base").path.read_bytes() == b"version-1" * 100
 
 
 def test_copy_failure_leaves_nothing_behind(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
