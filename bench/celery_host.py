@@ -18,7 +18,13 @@ from worker.client import RootfsClient
 from worker.dev.processes import CeleryProcess, RedisServer, worker_env
 from worker.service.settings import Settings
 
+#: The concurrency a section uses when it does not say: one pool process per core of the 2-core bench machine.
 CONCURRENCY = 2
+
+
+def default_concurrency() -> int:
+    """The worker's own default (ROOTFS_CONCURRENCY unset)."""
+    return Settings.from_env({}).concurrency
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,7 @@ class Host:
 
 
 @contextlib.contextmanager
-def celery_host(root: Path, name: str) -> Iterator[Host]:
+def celery_host(root: Path, name: str, *, concurrency: int = CONCURRENCY) -> Iterator[Host]:
     """Start Redis and a worker for host `name` with its directories under `root`; templates go in before
     the first job (the worker does not warm on start: the sections decide what is warm)."""
     tdir, cdir = root / "templates", root / "clones"
@@ -48,10 +54,10 @@ def celery_host(root: Path, name: str) -> Iterator[Host]:
             host=name,
             template_dir=tdir,
             clones_dir=cdir,
-            extra={"ROOTFS_WARM_ON_START": "0", "ROOTFS_CONCURRENCY": str(CONCURRENCY)},
+            extra={"ROOTFS_WARM_ON_START": "0", "ROOTFS_CONCURRENCY": str(concurrency)},
         )
         proc = CeleryProcess(
-            "worker", env, root / "worker.log", args=["--concurrency", str(CONCURRENCY), "-n", f"{name}@%h"]
+            "worker", env, root / "worker.log", args=["--concurrency", str(concurrency), "-n", f"{name}@%h"]
         )
         proc.start()
         proc.wait_ready()

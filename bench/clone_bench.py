@@ -4,16 +4,19 @@ Both sides end with the clone on disk: ours fsyncs before it reports (and stamps
 baseline is followed by `sync FILE`. The seed spawns both processes for every clone; on a reflink
 filesystem those two process starts are most of its cost, which is why the XFS target is so much tighter.
 Three diagnostics run in the same rotation and explain the numbers: the bare copy (clone_fd and one
-fsync), and the registry's durability steps as bare syscalls in today's order and in a proposed one.
+fsync), the registry's durability steps as bare syscalls (four flushes one after another, today's two ordered
+groups, the same groups from two threads at once), and the registry's clone without the read lease.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 from bench import fsync_order
 from bench.common import (
@@ -32,7 +35,7 @@ from bench.common import (
     run,
     timed,
 )
-from worker.core import cloning
+from worker.core import cloning, lease
 from worker.core.config import RootfsConfig
 from worker.core.registry import RootfsRegistry
 from worker.dev.mounts import MountUnavailable, xfs_reflink
@@ -56,6 +59,7 @@ class _Samples:
     methods: set[str] = field(default_factory=set)
     fsyncs: CallCount = field(default_factory=CallCount)
     profiled: float = 0.0
+    lease_seconds: float = 0.0
 
     def add(self, name: str, seconds: float) -> None:
         self.seconds.setdefault(name, []).append(seconds)
@@ -113,7 +117,7 @@ def _compare(ctx: Context, root: Path, *, reflink: str, reps: int) -> _Samples:
     try:
         setup = _Setup(template, fd, registry, root / "scratch", reflink)
         s = _Samples(template_blocks=os.stat(template).st_blocks)
-        steps = [_ours, _cp, _bare, _order("current"), _order("proposed")]
+        steps = [_ours, _cp, _bare, _order("sequential"), _order("ordered"), _order("paired"), _ours_without_lease]
         for i in range(reps + 1):
             if i % 5 == 0:
                 ctx.log(f"clone ({root.name}): repetition {i}/{reps}")
@@ -121,6 +125,7 @@ def _compare(ctx: Context, root: Path, *, reflink: str, reps: int) -> _Samples:
             for step in steps[shift:] + steps[:shift]:
                 step(setup, i, s if i > 0 else _Samples())  # round 0 warms up; its samples are dropped
         _profile(registry, s)
+        s.lease_seconds = _lease_cost(template)
     finally:
         os.close(fd)
     return s
@@ -131,6 +136,15 @@ def _ours(setup: _Setup, i: int, s: _Samples) -> None:
     seconds, rootfs = timed(lambda: setup.registry.clone_for_vm(vm_id, STACK))
     s.add("ours", seconds)
     s.ours_blocks.append(os.stat(rootfs.path).st_blocks)
+    setup.registry.release(vm_id)
+
+
+def _ours_without_lease(setup: _Setup, i: int, s: _Samples) -> None:
+    """The same clone with lease.take answering "no leases here": what the read lease costs a clone."""
+    vm_id = f"bench-vm-nolease-{i}"
+    with mock.patch.object(lease, "take", lambda fd, path: False):
+        seconds, _ = timed(lambda: setup.registry.clone_for_vm(vm_id, STACK))
+    s.add("no-lease", seconds)
     setup.registry.release(vm_id)
 
 
@@ -171,6 +185,30 @@ def _order(name: str) -> Callable[[_Setup, int, _Samples], None]:
         shutil.rmtree(vm_dir)
 
     return step
+
+
+def _lease_cost(template: Path, n: int = 20000) -> float:
+    """Seconds the read lease adds to one clone: take it, check it twice (after the hash, after the copy),
+    drop it with the close; against open and close alone, same file, alternating batches."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    path = str(template)
+
+    def batch(leased: bool) -> float:
+        start = time.perf_counter()
+        for _ in range(n // 10):
+            fd = os.open(template, flags)
+            if leased:
+                lease.take(fd, path)
+                lease.check(fd, path)
+                lease.check(fd, path)
+            os.close(fd)
+        return (time.perf_counter() - start) / (n // 10)
+
+    with_lease, without = [], []
+    for _ in range(10):
+        with_lease.append(batch(True))
+        without.append(batch(False))
+    return median(with_lease) - median(without)
 
 
 def _profile(registry: RootfsRegistry, s: _Samples) -> None:
@@ -218,8 +256,15 @@ def _notes(s: _Samples, fs: str) -> list[str]:
         "file, copy, fsync, stamp, rename, directory fsyncs), released untimed after each repetition; `cp` "
         "and `sync` are spawned as processes, as the seed does.",
         f"Samples (ms): {samples}. `bare` = `cloning.clone_fd` (by {', '.join(sorted(s.methods))}) and one "
-        "fsync, no registry; `current` / `proposed` = the registry's syscalls alone in today's order and with "
-        "the owner file's fsync dropped and the clones-dir fsync moved last (bench/fsync_order.py).",
+        "fsync, no registry; `sequential` / `ordered` / `paired` = the registry's syscalls alone with the four "
+        "flushes one after another (the protocol before issue 10), in today's two groups ordered so one journal "
+        "commit serves each (stamp before data, VM dir before clones dir), and in the same groups issued from "
+        "two threads at once (bench/fsync_order.py); `no-lease` = ours without the template's read lease.",
+        f"Read lease cost: {s.lease_seconds * 1e6:.1f} µs per clone (F_SETSIG + F_SETLEASE, two F_GETLEASE "
+        "checks and the release at close, against open and close alone, medians of 10 alternating batches of "
+        f"2,000); in the rotation, ours {ms(s.med('ours'))} against {ms(s.med('no-lease'))} without the lease "
+        f"({(s.med('ours') - s.med('no-lease')) * 1e6:+.0f} µs, within noise). The flushes alone: "
+        f"`sequential` {ms(s.med('sequential'))}, `ordered` {ms(s.med('ordered'))}, `paired` {ms(s.med('paired'))}.",
         f"Diagnostics: the copy call alone {ms(median(s.bare_copy))}; one more registry clone with its fsyncs "
         f"counted took {ms(s.profiled)}, of which {s.fsyncs.calls} fsyncs {ms(s.fsyncs.seconds)}; allocated: "
         f"template {fmt_bytes(s.template_blocks * 512)}, ours {fmt_bytes(median(s.ours_blocks) * 512)}, "
@@ -229,22 +274,20 @@ def _notes(s: _Samples, fs: str) -> list[str]:
 
 def _time_why(s: _Samples, target: Target, *, on_loop: bool) -> str:
     ours, cp, bare = s.med("ours"), s.med("cp"), s.med("bare")
-    current, proposed = s.med("current"), s.med("proposed")
+    sequential, ordered, paired = s.med("sequential"), s.med("ordered"), s.med("paired")
     per_fsync = s.fsyncs.seconds / max(s.fsyncs.calls, 1)
     return (
         f"the copy itself with one fsync takes {ms(bare)} ({bare / cp:.2f}x the baseline); the registry's "
-        f"clone {ms(ours)}. A registry clone with its fsyncs counted made {s.fsyncs.calls} of them, "
-        f"{ms(s.fsyncs.seconds)} of its {ms(s.profiled)} ({ms(per_fsync)} each): the clone's data, the stamp, "
-        "the VM directory after the final rename and the clones dir (the `.vm-id` owner record is no longer "
-        "flushed on its own), where the baseline's `sync FILE` makes one. Each waits for the disk"
+        f"clone {ms(ours)}. A registry clone with its fsyncs counted made {s.fsyncs.calls} of them "
+        f"({ms(s.fsyncs.seconds)} of its {ms(s.profiled)}, {ms(per_fsync)} each on average), in two groups "
+        "ordered so that one journal commit serves each, where the baseline's `sync FILE` makes one. Each "
+        "group waits for the disk"
         + (": a log force, and on this loop device a write and a flush of the image file" if on_loop else "")
-        + f". For comparison, the syscalls alone in the registry's former order (an fsync more) take {ms(current)} "
-        f"({current / cp:.2f}x) and in today's order {ms(proposed)} ({proposed / cp:.2f}x) (bench/fsync_order.py); "
-        "the rest is the registry's Python (locks, path checks, opens). What would close it: fewer disk "
-        "round trips per clone without giving up durability (the four fsyncs are what makes a reported clone "
-        "survive a power cut), and trimming the registry's per-clone Python (it resolves and opens the "
-        "template twice). Target here: "
-        f"{ms(cp * target.limit)}."
+        + f". The syscalls alone take {ms(ordered)} ordered ({ordered / cp:.2f}x), {ms(sequential)} in the "
+        f"order before issue 10 ({sequential / cp:.2f}x), {ms(paired)} from two threads ({paired / cp:.2f}x) "
+        "(bench/fsync_order.py); the rest is the registry's Python (locks, path checks, opens, the lease). "
+        "Times on a loaded machine also include waits for a CPU and for the shared disk. "
+        f"Target here: {ms(cp * target.limit)}."
     )
 
 

@@ -1,11 +1,12 @@
-"""Diagnostic for the clone sections: the registry's durability steps as bare syscalls, in two orders.
+"""Diagnostic for the clone sections: the registry's durability steps as bare syscalls, three ways.
 
-`current` repeats what RootfsRegistry._build_clone and friends do today (five fsyncs: clones dir after
-mkdir, owner file, clone, stamp, VM directory). `proposed` keeps every guarantee that matters when the clone
-is reported: the clone and its stamp are on disk before the clone's name appears, and both directories are
-synced before returning. It only drops the owner file's own fsync (a crash may then leave `.vm-id` empty)
-and moves the clones-dir fsync last, where a journal that commits in order has usually committed it already.
-Timing both, without the registry's Python around them, shows what reordering alone would save.
+`sequential` is the protocol before issue 10: the clone's data, the stamp, the VM directory after the
+renames, the clones dir, one after another. `ordered` is today's (RootfsRegistry._build_clone): the same
+four flushes as two groups, each ordered so that its first flush's journal commit covers the second (the
+stamp before the data, the VM directory before the clones dir: worker.core.durability). `paired` issues
+each group's two flushes at once from two threads instead. All three keep every guarantee that matters
+when a clone is reported (the clone and its stamp on disk before the clone's name appears, both
+directories on disk before returning); timing them without the registry's Python shows what each saves.
 """
 
 from __future__ import annotations
@@ -14,59 +15,64 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from worker.core import cloning
+from worker.core import cloning, durability
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-def current(template_fd: int, vm_dir: Path) -> None:
+def sequential(template_fd: int, vm_dir: Path) -> None:
+    _steps(template_fd, vm_dir, mode="sequential")
+
+
+def ordered(template_fd: int, vm_dir: Path) -> None:
+    _steps(template_fd, vm_dir, mode="ordered")
+
+
+def paired(template_fd: int, vm_dir: Path) -> None:
+    _steps(template_fd, vm_dir, mode="paired")
+
+
+ORDERS: dict[str, Callable[[int, Path], None]] = {"sequential": sequential, "ordered": ordered, "paired": paired}
+
+
+def _steps(template_fd: int, vm_dir: Path, *, mode: str) -> None:
+    """mkdir, owner file (not flushed), clone, stamp, flushes, renames, directory flushes."""
     os.mkdir(vm_dir)
-    _fsync_path(vm_dir.parent)
-    _in_dir(vm_dir, lambda dfd: _steps(template_fd, dfd, sync_owner=True))
-
-
-def proposed(template_fd: int, vm_dir: Path) -> None:
-    os.mkdir(vm_dir)
-    _in_dir(vm_dir, lambda dfd: _steps(template_fd, dfd, sync_owner=False))
-    _fsync_path(vm_dir.parent)
-
-
-ORDERS: dict[str, Callable[[int, Path], None]] = {"current": current, "proposed": proposed}
-
-
-def _steps(template_fd: int, dfd: int, *, sync_owner: bool) -> None:
-    """Owner file, clone, stamp, renames, directory fsync: the registry's sequence inside the VM directory."""
-    _write(dfd, ".vm-id", b"bench-vm", sync=sync_owner)
-    out = os.open("rootfs.ext4.partial", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+    clones = os.open(vm_dir.parent, _DIR)
+    dfd = os.open(vm_dir, _DIR)
     try:
-        cloning.clone_fd(template_fd, out, src_path="template", dst_path="rootfs.ext4.partial")
-        os.fsync(out)
-    finally:
-        os.close(out)
-    _write(dfd, "rootfs.ext4.sha256", b"0" * 64, sync=True)
-    os.rename("rootfs.ext4.partial", "rootfs.ext4", src_dir_fd=dfd, dst_dir_fd=dfd)
-    os.fsync(dfd)
-
-
-def _write(dfd: int, name: str, data: bytes, *, sync: bool) -> None:
-    partial = name + ".partial"
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644, dir_fd=dfd)
-    try:
-        os.write(fd, data)
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(partial, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-
-
-def _in_dir(path: Path, body: Callable[[int], None]) -> None:
-    dfd = os.open(path, _DIR)
-    try:
-        body(dfd)
+        _write(dfd, ".vm-id", b"bench-vm")
+        os.rename(".vm-id.partial", ".vm-id", src_dir_fd=dfd, dst_dir_fd=dfd)
+        out = os.open("rootfs.ext4.partial", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+        stamp = -1
+        try:
+            cloning.clone_fd(template_fd, out, src_path="template", dst_path="rootfs.ext4.partial")
+            stamp = _write(dfd, "rootfs.ext4.sha256", b"0" * 64, keep_open=True)
+            _flush([out, stamp] if mode == "sequential" else [stamp, out], mode=mode)
+        finally:
+            os.close(out)
+            if stamp >= 0:
+                os.close(stamp)
+        os.rename("rootfs.ext4.sha256.partial", "rootfs.ext4.sha256", src_dir_fd=dfd, dst_dir_fd=dfd)
+        os.rename("rootfs.ext4.partial", "rootfs.ext4", src_dir_fd=dfd, dst_dir_fd=dfd)
+        _flush([dfd, clones], mode=mode)
     finally:
         os.close(dfd)
+        os.close(clones)
 
 
-def _fsync_path(path: Path) -> None:
-    _in_dir(path, os.fsync)
+def _flush(fds: list[int], *, mode: str) -> None:
+    if mode == "sequential":
+        for fd in fds:
+            os.fsync(fd)
+    else:
+        durability.fsync_together([(fd, Path(str(fd))) for fd in fds], op="flush", concurrent=mode == "paired")
+
+
+def _write(dfd: int, name: str, data: bytes, *, keep_open: bool = False) -> int:
+    fd = os.open(name + ".partial", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+    os.write(fd, data)
+    if keep_open:
+        return fd
+    os.close(fd)
+    return -1

@@ -9,6 +9,7 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v mkfs.xfs >/dev/null 2>&1 || need_apt+=(xfsprogs)
 command -v losetup >/dev/null 2>&1 || need_apt+=(mount)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+command -v strace >/dev/null 2>&1 || need_apt+=(strace)  # the fault sweep (tests/core/test_fault_sweep.py)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 # Node.js only for the foreign-client test (tests/service/test_foreign_clients.py runs celery-node from npm).
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)

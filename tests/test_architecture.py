@@ -101,6 +101,7 @@ def test_public_api_is_pinned() -> None:
         "StackNotFound",
         "StampMismatch",
         "TaskTimeout",
+        "TemplateBusy",
         "TemplateChanged",
         "VmBusy",
         "VmIdConflict",

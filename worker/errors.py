@@ -136,6 +136,23 @@ class TemplateChanged(RootfsError):
 
 
 @dataclass(eq=False)
+class TemplateBusy(RootfsError):
+    """Some process holds the template open for writing (an in-place `cp`, a loop mount, an editor): what it
+    holds now may be half written, so it is neither hashed nor cloned. Retry once the writer is done; publish
+    templates by writing beside them and renaming over them, which never makes a template busy."""
+
+    path: str
+    detail: str
+
+    @property
+    def transient(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return f"template {self.path} is open for writing ({self.detail}); retry once the writer has closed it"
+
+
+@dataclass(eq=False)
 class FilesystemError(RootfsError):
     """An OSError with the operation and path it hit; transient when its errno may pass."""
 

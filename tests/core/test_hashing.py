@@ -20,6 +20,14 @@ RING = hashing._BUF_SIZE * hashing._BUF_COUNT
 EVERY = hashing._PROGRESS_EVERY
 
 
+@pytest.fixture(autouse=True, params=["serial", "threaded"])
+def strategy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs under both hashing strategies (hashing.default_strategy picks one per machine)."""
+    chosen: str = request.param
+    monkeypatch.setattr(hashing, "default_strategy", lambda: chosen)
+    return chosen
+
+
 def sparse_file(path: Path, size: int, data: dict[int, bytes] | None = None) -> Path:
     """A file of `size` bytes that is a hole except for `data` (offset -> bytes)."""
     with path.open("wb") as f:

@@ -18,6 +18,7 @@ import logging
 import os
 import stat
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,8 +65,13 @@ def sweep(config: RootfsConfig, *, grace: float = DEFAULT_GRACE_S, now: float | 
     recorded and the sweep goes on."""
     report = FixupReport()
     clones = config.clones_dir
-    if not clones.is_dir():
+    try:
+        if not stat.S_ISDIR(os.stat(clones).st_mode):
+            return report
+    except FileNotFoundError:
         return report
+    except OSError as exc:
+        raise FilesystemError.from_os(exc, op="read clones dir", path=clones) from exc
     current = time.time() if now is None else now
     for name in vm_dir_names(clones):
         try:
@@ -77,6 +83,15 @@ def sweep(config: RootfsConfig, *, grace: float = DEFAULT_GRACE_S, now: float | 
     _sweep_locks(clones, report)
     if report.removed:
         log.info("start-up sweep of %s removed %d leftovers: %s", clones, report.removed, report.to_dict())
+    return report
+
+
+def sweep_released(clones: Path) -> FixupReport:
+    """The part of the sweep that needs no grace period: the trash and the lock files of VMs that are gone,
+    which only releases leave (a release that crashed after its commit point). Reconcile ends with it."""
+    report = FixupReport()
+    _sweep_trash(clones / TRASH_DIR, report)
+    _sweep_locks(clones, report)
     return report
 
 
@@ -99,14 +114,22 @@ def _sweep_vm(clones: Path, name: str, grace: float, now: float, report: FixupRe
             if not _abandoned(dir_fd, vm_dir, grace, now):
                 return
         finally:
-            os.close(dir_fd)
-        fsops.delete_quietly(vm_dir)
-        if os.path.lexists(vm_dir):
-            report.failed[name] = "could not delete the incomplete clone"
+            fsops.close(dir_fd)
+        # Into the trash first, as a release does: one rename takes it away for good, and whatever a crash
+        # or an I/O error leaves of the deletion is emptied by the trash sweep, which needs no grace period
+        # (deleting in place would move the directory's mtime and restart its grace period).
+        trash = clones / TRASH_DIR
+        doomed = trash / f"{name}.{uuid.uuid4().hex}"
+        try:
+            trash.mkdir(exist_ok=True)
+            os.rename(vm_dir, doomed)
+        except OSError as exc:
+            report.failed[name] = str(FilesystemError.from_os(exc, op="remove incomplete clone", path=vm_dir))
             return
         fsops.fsync_dir(clones)
         report.partial_clones.append(name)
         log.info("start-up sweep: removed incomplete clone %s", vm_dir)
+    fsops.delete_quietly(doomed)
 
 
 def _remove_partial_files(dir_fd: int, vm_dir: Path, report: FixupReport) -> None:
@@ -136,7 +159,7 @@ def _needs_work(vm_dir: Path) -> bool:
     try:
         return not _complete(dir_fd) or any(_exists(dir_fd, leftover) for leftover in partials())
     finally:
-        os.close(dir_fd)
+        fsops.close(dir_fd)
 
 
 def _complete(dir_fd: int) -> bool:

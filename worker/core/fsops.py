@@ -5,9 +5,11 @@ Every OSError becomes a FilesystemError naming the operation and the path, so ca
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from worker.core.layout import PARTIAL_SUFFIX
@@ -42,6 +44,21 @@ def is_dir(entry: os.DirEntry[str]) -> bool:
         return False
 
 
+def close(fd: int) -> None:
+    """Release a descriptor; a failing close() (EIO, EINTR) has released it all the same on Linux, and every
+    write that matters here was fsynced (or is validated on read) before, so the error carries no news."""
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def open_dir(path: Path, *, op: str) -> int:
+    """A directory as an fd, never through a symlink."""
+    try:
+        return os.open(path, OPEN_DIR)
+    except OSError as exc:
+        raise FilesystemError.from_os(exc, op=op, path=path) from exc
+
+
 def read_text(dir_fd: int, name: str, vm_dir: Path, *, strip: bool = True) -> str | None:
     """A small file's text, trimmed unless not `strip` (as the seed reads stamps), None when it does not exist."""
     try:
@@ -55,30 +72,71 @@ def read_text(dir_fd: int, name: str, vm_dir: Path, *, strip: bool = True) -> st
     except OSError as exc:
         raise FilesystemError.from_os(exc, op="read", path=vm_dir / name) from exc
     finally:
-        os.close(fd)
+        close(fd)
     text = raw.decode("utf-8", "surrogatepass")
     return text.strip() if strip else text
 
 
-def write_atomic(dir_fd: int, name: str, data: bytes, vm_dir: Path, *, durable: bool = True) -> None:
-    """Write, flush, rename: readers see the old file or the whole new one, also after a power cut
-    (unless not `durable`: then only while the machine stays up)."""
+def read_small_file(dir_fd: int, name: str, *, limit: int) -> bytes | None:
+    """The bytes of `name` if it is a regular file of at most `limit` bytes, else None (missing, a FIFO, a
+    device, a symlink, a directory, too big, unreadable): for files whose content is only a hint, like cache
+    entries, where anything odd must read as "not there" and never block or fill memory."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            return None
+        data = os.read(fd, limit + 1)
+    except OSError:
+        return None
+    finally:
+        close(fd)
+    return data if len(data) <= limit else None
+
+
+def write_partial(dir_fd: int, name: str, data: bytes, vm_dir: Path) -> int:
+    """`name`.partial holding `data`, not flushed; returns its open fd (the caller flushes, closes, renames)."""
     partial = name + PARTIAL_SUFFIX
     try:
         fd = os.open(
             partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd
         )
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(partial, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except OSError as exc:
         raise FilesystemError.from_os(exc, op="write", path=vm_dir / name) from exc
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException as exc:
+        close(fd)
+        if isinstance(exc, OSError):
+            raise FilesystemError.from_os(exc, op="write", path=vm_dir / name) from exc
+        raise
+    return fd
+
+
+def rename(dir_fd: int, src: str, dst: str, vm_dir: Path, *, op: str) -> None:
+    try:
+        os.rename(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError as exc:
+        raise FilesystemError.from_os(exc, op=op, path=vm_dir / dst) from exc
+
+
+def write_atomic(dir_fd: int, name: str, data: bytes, vm_dir: Path, *, durable: bool = True) -> None:
+    """Write, flush, rename: readers see the old file or the whole new one, also after a power cut
+    (unless not `durable`: then only while the machine stays up)."""
+    fd = write_partial(dir_fd, name, data, vm_dir)
+    try:
+        if durable:
+            os.fsync(fd)
+    except OSError as exc:
+        raise FilesystemError.from_os(exc, op="write", path=vm_dir / name) from exc
+    finally:
+        close(fd)
+    rename(dir_fd, name + PARTIAL_SUFFIX, name, vm_dir, op="write")
 
 
 def unlink(dir_fd: int, name: str, vm_dir: Path) -> None:
@@ -93,8 +151,10 @@ def unlink(dir_fd: int, name: str, vm_dir: Path) -> None:
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = open_dir(path, op="flush dir")
     try:
         os.fsync(fd)
+    except OSError as exc:
+        raise FilesystemError.from_os(exc, op="flush dir", path=path) from exc
     finally:
-        os.close(fd)
+        close(fd)

@@ -1,9 +1,15 @@
 """SHA-256 of multi-GB template images at hashing speed, in constant memory, without mmap.
 
 mmap would be simplest, but a template truncated while mapped turns the next page access into SIGBUS and
-kills the worker. Plain reads cost little (the page cache copies at ~20 GB/s against ~2 GB/s of SHA-256), and
-a reader thread hides even that: it fills a small ring of preallocated buffers with os.preadv while the
-calling thread hashes; both syscalls and large hashlib updates release the GIL, so the two run in parallel.
+kills the worker. So the bytes are copied out of the page cache with pread, which costs ~20% of a SHA-256
+with SHA-NI. Two strategies, the same digest and the same errors (default_strategy picks one by the cores
+this process may use; bench/hash_bench.py measures both against `openssl speed` in one run):
+
+- serial: one thread, pread into a small buffer, hash it, repeat. Wins where no core is free.
+- threaded: a reader thread fills a ring of buffers while the calling thread hashes; preadv and large
+  hashlib updates release the GIL, so the copy overlaps the hashing. Wins only given a spare core.
+
+Both skip holes (hashed from a zero buffer, never read) and raise TemplateChanged on a short read.
 """
 
 from __future__ import annotations
@@ -16,9 +22,12 @@ import stat
 import threading
 from collections.abc import Callable
 from queue import SimpleQueue
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from worker.errors import FilesystemError, TemplateChanged
+
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hash
 
 #: Called with (bytes_done, bytes_total).
 ProgressFn = Callable[[int, int], None]
@@ -28,6 +37,11 @@ ProgressFn = Callable[[int, int], None]
 # let the reader run ahead while one buffer is being hashed, for 4 MiB of memory in all.
 _BUF_SIZE = 1 << 20
 _BUF_COUNT = 4
+#: The one-thread loop's read size: small enough that the bytes just copied in are still in the core's L2
+#: cache when they are hashed; hashlib.file_digest reads 256 KiB for the same reason. Measured on a 2-vCPU
+#: Xeon, 25 rotating rounds over 256 MiB in the page cache (best / p90 GB/s): 256 KiB 1.00 / 0.65, 1 MiB
+#: 0.90 / 0.57, 128 KiB 0.65 / 0.59, file_digest 0.99 / 0.70, the reader thread 0.85 / 0.58.
+_SERIAL_BUF_SIZE = 256 << 10
 _PROGRESS_EVERY = 64 << 20
 
 
@@ -130,11 +144,30 @@ def _region_at(fd: int, offset: int, size: int) -> tuple[int, bool]:
     return max(min(hole, size), offset + 1), False
 
 
-def hash_fd(fd: int, *, path: str, progress: ProgressFn | None = None) -> str:
+Strategy = Literal["serial", "threaded"]
+
+#: A reader thread pays off only with a core to spare for it: the copy out of the page cache (~20% of a
+#: SHA-256 with SHA-NI) then overlaps the hashing. With two cores or fewer the two threads compete with each
+#: other and with the rest of the host (measured on a 2-vCPU Xeon: 0.76x of `openssl speed` threaded, 0.84x
+#: serial; docs/benchmarks.md shows both in every run).
+THREADED_MIN_CPUS = 3
+
+
+def default_strategy() -> Strategy:
+    """Threads where this process may run on at least THREADED_MIN_CPUS cores, else one thread."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return "threaded" if cpus >= THREADED_MIN_CPUS else "serial"
+
+
+def hash_fd(fd: int, *, path: str, progress: ProgressFn | None = None, strategy: Strategy | None = None) -> str:
     """Lowercase hex SHA-256 of the whole file behind `fd`, independent of (and not moving) its offset.
 
     Raises TemplateChanged when the file is truncated, grown or rewritten while it is read: such a hash
-    describes no version of the file. `path` only names the file in errors.
+    describes no version of the file. `path` only names the file in errors. `strategy` defaults to
+    default_strategy(); both give the same digest and the same errors.
     """
     try:
         st = os.fstat(fd)
@@ -148,7 +181,76 @@ def hash_fd(fd: int, *, path: str, progress: ProgressFn | None = None) -> str:
     size = st.st_size
     with contextlib.suppress(OSError):  # advisory: doubles kernel readahead for cold templates
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    try:
+        saved_offset = os.lseek(fd, 0, os.SEEK_CUR)  # SEEK_DATA/SEEK_HOLE move it; callers may rely on it
+    except OSError as exc:
+        raise FilesystemError.from_os(exc, op="read", path=path) from exc
+    digest = hashlib.sha256()
+    run = _hash_threaded if (strategy or default_strategy()) == "threaded" else _hash_serial
+    try:
+        run(fd, size, digest, path, progress)
+    finally:
+        with contextlib.suppress(OSError):
+            os.lseek(fd, saved_offset, os.SEEK_SET)
 
+    try:
+        after = _identity(os.fstat(fd))
+    except OSError as exc:
+        raise FilesystemError.from_os(exc, op="read", path=path) from exc
+    if after != before:
+        raise TemplateChanged(path, _describe_change(before, after))
+    if progress is not None:
+        progress(size, size)
+    return digest.hexdigest()
+
+
+class _Progress:
+    """Calls `progress` every _PROGRESS_EVERY bytes, never at the end (hash_fd reports the end itself)."""
+
+    def __init__(self, progress: ProgressFn | None, size: int) -> None:
+        self._progress = progress
+        self._size = size
+        self._next = _PROGRESS_EVERY
+
+    def __call__(self, done: int) -> None:
+        if self._progress is not None and self._next <= done < self._size:
+            self._progress(done, self._size)
+            self._next = done + _PROGRESS_EVERY
+
+
+def _hash_serial(fd: int, size: int, digest: Hash, path: str, progress: ProgressFn | None) -> None:
+    """pread into one buffer, hash it, repeat; holes hashed from memory. The simplest loop, and the fastest
+    where no core is free for a reader thread."""
+    view = memoryview(bytearray(_SERIAL_BUF_SIZE))
+    report = _Progress(progress, size)
+    offset = 0
+    region_end, in_hole = 0, False
+    while offset < size:
+        if offset >= region_end:
+            region_end, in_hole = _region_at(fd, offset, size)
+        if in_hole:
+            end = region_end
+            while offset < end:
+                n = min(_BUF_SIZE, end - offset)
+                digest.update(_ZEROS[:n])
+                offset += n
+                report(offset)
+            continue
+        want = min(len(view), region_end - offset)
+        try:
+            got = os.preadv(fd, [view[:want]], offset)
+        except OSError as exc:
+            raise FilesystemError.from_os(exc, op="read", path=path) from exc
+        if got == 0:
+            raise TemplateChanged(path, f"file ended at byte {offset} of {size}")
+        digest.update(view[:got])
+        offset += got
+        report(offset)
+
+
+def _hash_threaded(fd: int, size: int, digest: Hash, path: str, progress: ProgressFn | None) -> None:
+    """A reader thread fills a ring of buffers while this thread hashes: reads overlap hashing, given a
+    free core."""
     views = [memoryview(bytearray(_BUF_SIZE)) for _ in range(_BUF_COUNT)]
     free: SimpleQueue[int | None] = SimpleQueue()
     filled: SimpleQueue[_Message] = SimpleQueue()
@@ -158,10 +260,8 @@ def hash_fd(fd: int, *, path: str, progress: ProgressFn | None = None) -> str:
     reader = threading.Thread(
         target=_read_ring, args=(fd, size, views, free, filled, stop), name="hash-reader", daemon=True
     )
-    digest = hashlib.sha256()
+    report = _Progress(progress, size)
     done = 0
-    next_report = _PROGRESS_EVERY
-    saved_offset = os.lseek(fd, 0, os.SEEK_CUR)  # SEEK_DATA/SEEK_HOLE move it; callers may rely on it
     reader.start()
     try:
         while (message := filled.get()) is not None:
@@ -180,26 +280,12 @@ def hash_fd(fd: int, *, path: str, progress: ProgressFn | None = None) -> str:
                 digest.update(views[message.slot][: message.length])
                 free.put(message.slot)
             done += message.length
-            if progress is not None and next_report <= done < size:
-                progress(done, size)
-                next_report = done + _PROGRESS_EVERY
+            report(done)
     finally:
         # Also on error (ours or the callback's): stop the reader and wake it if it waits for a buffer.
         stop.set()
         free.put(None)
         reader.join()
-        with contextlib.suppress(OSError):
-            os.lseek(fd, saved_offset, os.SEEK_SET)
-
-    try:
-        after = _identity(os.fstat(fd))
-    except OSError as exc:
-        raise FilesystemError.from_os(exc, op="read", path=path) from exc
-    if after != before:
-        raise TemplateChanged(path, _describe_change(before, after))
-    if progress is not None:
-        progress(size, size)
-    return digest.hexdigest()
 
 
 def hash_file(path: str | os.PathLike[str], *, progress: ProgressFn | None = None) -> str:
@@ -212,4 +298,5 @@ def hash_file(path: str | os.PathLike[str], *, progress: ProgressFn | None = Non
     try:
         return hash_fd(fd, path=name, progress=progress)
     finally:
-        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)

@@ -34,6 +34,13 @@ from pathlib import Path
 
 from worker.errors import FilesystemError
 
+
+def _close(fd: int) -> None:
+    """A failing close() has released the fd all the same (Linux); nothing here was written through it."""
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
 #: (st_dev, st_ino): a file, whatever names it has (a jailer may hard-link the disk into its chroot).
 FileId = tuple[int, int]
 
@@ -99,12 +106,15 @@ def probe(dir_fd: int, name: str, path: Path) -> tuple[FileId | None, bool | Non
             return None, None
         raise FilesystemError.from_os(exc, op="check clone in use", path=path / name) from exc
     try:
-        st = os.fstat(fd)
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise FilesystemError.from_os(exc, op="check clone in use", path=path / name) from exc
         if not stat.S_ISREG(st.st_mode):
             return None, None
         return (st.st_dev, st.st_ino), lease_probe(fd)
     finally:
-        os.close(fd)
+        _close(fd)
 
 
 def find_holders(targets: Collection[FileId], *, proc: Path = PROC) -> dict[FileId, set[int]]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from worker.core import inuse, space
-from worker.core.fsops import OPEN_DIR
+from worker.core.fsops import OPEN_DIR, close
 from worker.core.layout import (
     CLONE_RECORD_FILE,
     CLONE_ROOTFS_FILE,
@@ -231,12 +231,15 @@ def _open_disk(dir_fd: int, name: str, *, in_use: bool) -> tuple[os.stat_result 
     except OSError:
         return None, True
     try:
-        st = os.fstat(fd)
+        try:
+            st = os.fstat(fd)
+        except OSError:  # as when it cannot be opened: unknown, so treated as in use
+            return None, True
         if not in_use or not stat.S_ISREG(st.st_mode):
             return st, True
         return st, inuse.lease_probe(fd, release=False)
     finally:
-        os.close(fd)  # also drops the lease, if the probe took one
+        close(fd)  # also drops the lease, if the probe took one
 
 
 def _stale(stack: str | None, stamp: str | None, stack_hashes: dict[str, str | None]) -> bool | None:
@@ -262,7 +265,7 @@ def _open_dir(vm_dir: str) -> Iterator[int | None]:
     try:
         yield fd
     finally:
-        os.close(fd)
+        close(fd)
 
 
 def _stat(dir_fd: int, name: str) -> os.stat_result | None:
@@ -288,7 +291,7 @@ def _read(dir_fd: int, name: str) -> str | None:
     except (OSError, UnicodeDecodeError):
         return None
     finally:
-        os.close(fd)
+        close(fd)
 
 
 def _text(value: object) -> str | None:

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from worker.core.fsops import close
 from worker.errors import FilesystemError
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -31,10 +35,20 @@ def exclusive(path: Path, *, remove_if: Callable[[], bool] | None = None, blocki
     finally:
         try:
             if remove_if is not None and remove_if():
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+                _remove(path)
         finally:
-            os.close(fd)
+            close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Best effort: a lock file left behind is harmless (the next holder that finds it unneeded removes
+    it), and failing here would turn a finished clone or release into an error."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove lock file %s: %s", path, exc)
 
 
 def _acquire(path: Path, *, blocking: bool = True) -> int | None:
@@ -54,12 +68,11 @@ def _acquire(path: Path, *, blocking: bool = True) -> int | None:
                 except FileNotFoundError:
                     current = None
             except BaseException:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+                close(fd)
                 raise
             if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
                 return fd
-            os.close(fd)
+            close(fd)
     except OSError as exc:
         raise FilesystemError.from_os(exc, op="lock", path=path) from exc
 
@@ -78,6 +91,8 @@ def try_exclusive(path: Path) -> Iterator[bool]:
         except BlockingIOError:
             yield False
             return
+        except OSError as exc:
+            raise FilesystemError.from_os(exc, op="lock", path=path) from exc
         yield True
     finally:
-        os.close(fd)
+        close(fd)

@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from worker.core import cloning, fixup, fsops, hashing, inuse, inventory, locks, records, space
+from worker.core import cloning, durability, fixup, fsops, hashing, inuse, inventory, locks, records, space
 from worker.core.config import RootfsConfig
 from worker.core.fixup import FixupReport
-from worker.core.hashcache import FileKey, HashCache
+from worker.core.hashcache import HashCache
 from worker.core.layout import (
     CACHE_DIR,
     CLONE_ROOTFS_FILE,
@@ -103,6 +103,7 @@ class RootfsRegistry:
         with locks.try_exclusive(self._config.clones_dir / LOCKS_DIR / WARM_LOCK) as mine:
             if not mine:
                 return WarmReport(busy=True)
+            self._cache.sweep_temp_files()  # what a killed warm-up left
             hashed: list[str] = []
             warm: list[str] = []
             failed: dict[str, str] = {}
@@ -151,8 +152,12 @@ class RootfsRegistry:
         dry_run: bool = True,
         now: float | None = None,
     ) -> ReconcileReport:
-        """Release every clone not in `keep`, old enough and not in use (worker.core.reconcile)."""
-        return reconcile(self, keep, older_than=older_than, dry_run=dry_run, now=now)
+        """Release every clone not in `keep`, old enough and not in use (worker.core.reconcile); then finish
+        what earlier releases left (trash, lock files of gone VMs), so a reconcile that died converges."""
+        report = reconcile(self, keep, older_than=older_than, dry_run=dry_run, now=now)
+        if not dry_run:
+            fixup.sweep_released(self._config.clones_dir)
+        return report
 
     def fixup(self) -> FixupReport:
         """Sweep what crashed operations left (worker.core.fixup); run when a worker starts."""
@@ -202,11 +207,11 @@ class RootfsRegistry:
                     self._check_owner(dir_fd, vm_dir, vm_id, safe_id)
                     if _clear_leftovers(dir_fd, vm_dir):
                         # Unlinking a hard link to the template moved its ctime: take its key anew.
-                        template.key = FileKey.of(os.fstat(template.fd))
+                        template.refresh_key()
                 complete = dir_fd is not None and _has_disk(dir_fd)
             if not complete:
                 # Before the hash and before any write: a copy that cannot fit is refused at once.
-                space.ensure_room(os.fstat(template.fd), self._config.clones_dir, self._config.min_free)
+                space.ensure_room(template.stat(), self._config.clones_dir, self._config.min_free)
             return self._clone_from(template, vm_dir, vm_id, safe_id, progress)
 
     def _clone_from(
@@ -218,7 +223,9 @@ class RootfsRegistry:
             assert dir_fd is not None
             existing = self._existing_clone(dir_fd, vm_dir, safe_id, info)
             self._claim(dir_fd, vm_dir, vm_id, info.name, existing)
-            if not existing:
+            if existing:
+                self._flush_existing(dir_fd, vm_dir)
+            else:
                 try:
                     method = self._build_clone(dir_fd, vm_dir, template, info.sha256)
                 except BaseException:
@@ -239,31 +246,67 @@ class RootfsRegistry:
         A disk another process holds open (a running VM) is refused with CloneInUse unless `force`. With
         `wait=False` a VM whose lock is held raises VmBusy instead of waiting; `recheck(dir_fd, vm_dir)` runs
         under the lock and may raise to spare the clone (reconcile re-checks its age there).
+
+        The clone is gone for good once its directory is renamed into `.trash` and that rename is on disk;
+        deleting the files comes after, outside the lock, and whatever a crash or an I/O error leaves of
+        it there is deleted by the next release (of any VM), which never fails over it.
         """
         safe_id = check_vm_id(vm_id)
         clones = self._config.clones_dir
         vm_dir = clones / safe_id
-        with self._vm_lock(safe_id, wait=wait, vm_id=vm_id):
-            with self._open_vm_dir(vm_dir, create=False) as dir_fd:
-                if dir_fd is None:
-                    return False
-                self._check_owner(dir_fd, vm_dir, vm_id, safe_id)
-                if recheck is not None:
-                    recheck(dir_fd, vm_dir)
-                if not force:
-                    usage = inuse.usage(dir_fd, CLONE_ROOTFS_FILE, vm_dir)
-                    if usage.in_use:
-                        raise CloneInUse(vm_id, list(usage.pids))
-            trash = clones / TRASH_DIR
-            doomed = trash / f"{safe_id}.{uuid.uuid4().hex}"
+        try:
+            with self._vm_lock(safe_id, wait=wait, vm_id=vm_id):
+                with self._open_vm_dir(vm_dir, create=False) as dir_fd:
+                    found = dir_fd is not None
+                    if dir_fd is not None:
+                        self._check_owner(dir_fd, vm_dir, vm_id, safe_id)
+                        if recheck is not None:
+                            recheck(dir_fd, vm_dir)
+                        if not force:
+                            usage = inuse.usage(dir_fd, CLONE_ROOTFS_FILE, vm_dir)
+                            if usage.in_use:
+                                raise CloneInUse(vm_id, list(usage.pids))
+                if found:
+                    self._to_trash(vm_dir, safe_id)
+        finally:
+            self.empty_trash()  # also when nothing was found: a crashed release may have left it there
+        return found
+
+    def empty_trash(self) -> None:
+        """Delete what releases left in `.trash` (theirs, or a crashed one's). Never raises: the clone was
+        already released when its directory reached the trash; what fails here is retried next time."""
+        trash = self._config.clones_dir / TRASH_DIR
+        try:
+            entries = [Path(entry.path) for entry in os.scandir(trash)]
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("could not list %s to empty it: %s", trash, exc)
+            return
+        for path in entries:  # concurrent releases may race for the same entries: both ignore vanished ones
+            fsops.delete_quietly(path)
+
+    def _to_trash(self, vm_dir: Path, safe_id: str) -> None:
+        """Rename the VM's directory into `.trash`, on disk before returning: the release's commit point."""
+        clones = self._config.clones_dir
+        trash = clones / TRASH_DIR
+        doomed = trash / f"{safe_id}.{uuid.uuid4().hex}"
+        try:
+            trash.mkdir(exist_ok=True)
+            os.rename(vm_dir, doomed)
+        except OSError as exc:
+            raise FilesystemError.from_os(exc, op="remove clone dir", path=vm_dir) from exc
+        # Both directories as one group (one rename changed both: one commit): the entry gone from the clones
+        # dir (what the Rust runtime looks at) and the one in the trash (so a crash cannot lose the files).
+        clones_fd = fsops.open_dir(clones, op="flush clones dir")
+        try:
+            trash_fd = fsops.open_dir(trash, op="flush clones dir")
             try:
-                trash.mkdir(exist_ok=True)
-                os.rename(vm_dir, doomed)
-                fsops.fsync_dir(clones)
-            except OSError as exc:
-                raise FilesystemError.from_os(exc, op="remove clone dir", path=vm_dir) from exc
-        self._empty_trash(doomed)
-        return True
+                durability.fsync_together([(clones_fd, clones), (trash_fd, trash)], op="flush clones dir")
+            finally:
+                fsops.close(trash_fd)
+        finally:
+            fsops.close(clones_fd)
 
     # ---------------------------------------------------------------- helpers
 
@@ -290,9 +333,9 @@ class RootfsRegistry:
                 raise FilesystemError.from_os(exc, op="create clone dir", path=vm_dir) from exc
         try:
             fd = os.open(vm_dir, fsops.OPEN_DIR)
-        except FileNotFoundError:
-            if create:
-                raise
+        except FileNotFoundError as exc:
+            if create:  # removed between our mkdir and open: only a concurrent release-all could
+                raise FilesystemError.from_os(exc, op="open clone dir", path=vm_dir) from exc
             yield None
             return
         except OSError as exc:
@@ -301,7 +344,7 @@ class RootfsRegistry:
         try:
             yield fd
         finally:
-            os.close(fd)
+            fsops.close(fd)
 
     def _check_owner(self, dir_fd: int, vm_dir: Path, vm_id: str, safe_id: str) -> None:
         owner = _read_owner(dir_fd, vm_dir)
@@ -332,51 +375,83 @@ class RootfsRegistry:
             raise StampMismatch(safe_id, info.name, stamp or "", info.sha256)
         return True
 
+    def _flush_existing(self, dir_fd: int, vm_dir: Path) -> None:
+        """Before reporting a clone found in place, make sure it is on disk: the call that built it may have
+        died between its rename and its directory flushes (or it is the seed's, flushed by its `sync`).
+        Nothing is created here, so nothing needs ordering: all four flushes form one group."""
+        clones = vm_dir.parent
+        opened: list[tuple[int, Path]] = []
+        try:
+            for name in (CLONE_ROOTFS_FILE, CLONE_STAMP_FILE):
+                try:
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
+                except OSError as exc:
+                    raise FilesystemError.from_os(exc, op="flush clone", path=vm_dir / name) from exc
+                opened.append((fd, vm_dir / name))
+            opened.append((fsops.open_dir(clones, op="flush clones dir"), clones))
+            durability.fsync_together([(dir_fd, vm_dir), *opened], op="flush clone")
+        finally:
+            for fd, _ in opened:
+                fsops.close(fd)
+
     def _build_clone(self, dir_fd: int, vm_dir: Path, template: Template, digest: str) -> CloneOrigin:
+        """Copy, flush stamp and data as one group, name the stamp then the clone, flush both directories as
+        one group: two waits for the disk. The step-by-step argument is in docs/crash-safety.md."""
         partial = CLONE_ROOTFS_FILE + PARTIAL_SUFFIX
         dst_path = vm_dir / partial
+        clones = vm_dir.parent
         try:
             dst = os.open(
                 partial,
                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                stat.S_IMODE(os.fstat(template.fd).st_mode) | 0o600,
+                stat.S_IMODE(template.mode) | 0o600,
                 dir_fd=dir_fd,
             )
         except OSError as exc:
             raise FilesystemError.from_os(exc, op="create clone", path=dst_path) from exc
+        stamp: int | None = None
         try:
             try:
                 method = cloning.clone_fd(template.fd, dst, src_path=str(template.path), dst_path=str(dst_path))
-                # On disk before it is named: a power cut must never leave a complete-looking clone of zeros.
-                os.fsync(dst)
-            except OSError as exc:
-                raise FilesystemError.from_os(exc, op="flush clone", path=dst_path) from exc
+                template.check_unchanged()
+                stamp = fsops.write_partial(dir_fd, CLONE_STAMP_FILE, digest.encode("ascii"), vm_dir)
+                # 1st round trip. On disk before either is named: a power cut must never leave a
+                # complete-looking clone of zeros, or a stamp of nothing. The stamp, changed last, first:
+                # its journal commit carries the clone's metadata with it (worker.core.durability).
+                durability.fsync_together(
+                    [(stamp, vm_dir / (CLONE_STAMP_FILE + PARTIAL_SUFFIX)), (dst, dst_path)], op="flush clone"
+                )
             finally:
-                os.close(dst)
-            template.check_unchanged()
-            fsops.write_atomic(dir_fd, CLONE_STAMP_FILE, digest.encode("ascii"), vm_dir)
+                fsops.close(dst)
+                if stamp is not None:
+                    fsops.close(stamp)
+            # The stamp first: whenever `rootfs.ext4` exists, its stamp does.
+            fsops.rename(dir_fd, CLONE_STAMP_FILE + PARTIAL_SUFFIX, CLONE_STAMP_FILE, vm_dir, op="stamp clone")
+            fsops.rename(dir_fd, partial, CLONE_ROOTFS_FILE, vm_dir, op="rename clone")
+            # 2nd round trip: the renames (and `.vm-id`) in the VM's directory, then the VM's directory in
+            # the clones dir (its mkdir is older: the first commit took it along). Only then is it reported.
+            clones_fd = fsops.open_dir(clones, op="flush clones dir")
             try:
-                os.rename(partial, CLONE_ROOTFS_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-                os.fsync(dir_fd)
-                # Last, so one journal commit usually covers it: the VM's directory entry itself.
-                fsops.fsync_dir(vm_dir.parent)
-            except OSError as exc:
-                raise FilesystemError.from_os(exc, op="rename clone", path=dst_path) from exc
+                durability.fsync_together([(dir_fd, vm_dir), (clones_fd, clones)], op="flush clone dir")
+            finally:
+                fsops.close(clones_fd)
         except BaseException:
-            for leftover in (CLONE_STAMP_FILE, *partials()):
-                with contextlib.suppress(RootfsError):
-                    fsops.unlink(dir_fd, leftover, vm_dir)
+            _roll_back(dir_fd, vm_dir)
             raise
         log.info("cloned %s to %s by %s", template.path, vm_dir / CLONE_ROOTFS_FILE, method)
         return "reflink" if method == "reflink" else "copy"
 
-    def _empty_trash(self, doomed: Path) -> None:
-        """Delete this release's clone, then any left by releases that crashed; a failure leaves them for
-        the next release and never fails this one. Concurrent releases may race for the same leftovers."""
-        fsops.delete_quietly(doomed)
-        with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(doomed.parent):
-                fsops.delete_quietly(Path(entry.path))
+
+def _roll_back(dir_fd: int, vm_dir: Path) -> None:
+    """Undo a failed build, the clone first: if it cannot be removed, its stamp stays with it, so what is
+    left is still a complete, stamped clone (which the next call flushes before reporting it)."""
+    try:
+        fsops.unlink(dir_fd, CLONE_ROOTFS_FILE, vm_dir)
+    except RootfsError:
+        return
+    for leftover in (CLONE_STAMP_FILE, *partials()):
+        with contextlib.suppress(RootfsError):
+            fsops.unlink(dir_fd, leftover, vm_dir)
 
 
 def _read_owner(dir_fd: int, vm_dir: Path) -> str | None:

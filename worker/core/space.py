@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from worker.core.layout import CACHE_DIR
-from worker.errors import InsufficientSpace
+from worker.errors import FilesystemError, InsufficientSpace
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,10 @@ def ensure_room(template: os.stat_result, clones_dir: Path, reserve: Reserve) ->
     if will_reflink(template, clones_dir):
         return
     needed = template.st_blocks * 512
-    usage = fs_usage(clones_dir)
+    try:
+        usage = fs_usage(clones_dir)
+    except OSError as exc:
+        raise FilesystemError.from_os(exc, op="check free space", path=clones_dir) from exc
     keep = reserve.of(usage.total)
     if usage.free - needed < keep:
         raise InsufficientSpace(str(clones_dir), needed, usage.free, keep)

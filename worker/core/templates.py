@@ -15,7 +15,8 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from worker.core.fsops import is_dir
+from worker.core import lease
+from worker.core.fsops import close, is_dir
 from worker.core.hashcache import FileKey
 from worker.core.layout import TEMPLATE_ROOTFS_FILE
 from worker.core.names import is_valid_stack_name
@@ -26,18 +27,40 @@ log = logging.getLogger(__name__)
 
 class Template:
     """An open template: every later read, hash and copy goes through this one fd, so a path swapped
-    underneath cannot make us hash one file and copy another."""
+    underneath cannot make us hash one file and copy another. Held under a read lease where the kernel
+    grants one (worker.core.lease), so a writer that opens it meanwhile is noticed."""
 
     def __init__(self, name: str, path: Path, fd: int) -> None:
         self.name = name
         self.path = path
         self.fd = fd
-        self.key = FileKey.of(os.fstat(fd))
+        st = _fstat(fd, path)
+        self.mode = st.st_mode
+        self.key = FileKey.of(st)
+        self.leased = lease.take(fd, str(path))
 
     def check_unchanged(self) -> None:
-        now = FileKey.of(os.fstat(self.fd))
+        """Raise (transient) unless what was read since opening is one version of the file, written by no one."""
+        if self.leased:
+            lease.check(self.fd, str(self.path))
+        now = FileKey.of(_fstat(self.fd, self.path))
         if now != self.key:
             raise TemplateChanged(str(self.path), f"size {self.key.size} -> {now.size}, stat changed")
+
+    def stat(self) -> os.stat_result:
+        """The template's stat now, as a FilesystemError when even that fails."""
+        return _fstat(self.fd, self.path)
+
+    def refresh_key(self) -> None:
+        """Take the key anew (after our own unlink of a hard link to it moved its ctime)."""
+        self.key = FileKey.of(_fstat(self.fd, self.path))
+
+
+def _fstat(fd: int, path: Path) -> os.stat_result:
+    try:
+        return os.fstat(fd)
+    except OSError as exc:
+        raise FilesystemError.from_os(exc, op="stat template", path=path) from exc
 
 
 def stack_names(template_dir: Path) -> list[str]:
@@ -93,9 +116,9 @@ def open_template(template_dir: Path, name: str) -> Iterator[Template | None]:
     except OSError as exc:
         raise FilesystemError.from_os(exc, op="open template", path=path) from exc
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        if not stat.S_ISREG(_fstat(fd, path).st_mode):
             yield None
             return
         yield Template(name, path, fd)
     finally:
-        os.close(fd)
+        close(fd)
