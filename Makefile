@@ -1,5 +1,5 @@
 # Developer chores; each target is a thin call to the project's scripts or tools.
-.PHONY: setup lint typecheck test test-fast bench demo
+.PHONY: setup lint typecheck test test-fast bench demo mutation
 
 setup:
 	bash scripts/bootstrap.sh
@@ -20,6 +20,10 @@ test-fast: setup
 
 bench:
 	bash scripts/bench.sh
+
+# Not part of CI (most of an hour on 2 cores); `bash scripts/mutation.sh --fast worker.core.locks` for a quick look.
+mutation:
+	bash scripts/mutation.sh
 
 demo:
 	bash scripts/demo.sh

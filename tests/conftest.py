@@ -1,15 +1,36 @@
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.helpers import sha256_of, write_sparse_template, write_template
 from worker import RootfsConfig, RootfsRegistry
 
 pytest_plugins = ["tests.workers"]
+
+# Under mutation testing (scripts/mutation.sh sets HYPOTHESIS_PROFILE) every mutant must meet the same examples,
+# and the trampolines mutmut wraps around each function make calls slower: no deadline.
+settings.register_profile("mutation", derandomize=True, deadline=None, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(autouse=True)
+def _mutant_cannot_touch_the_working_copy(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under mutmut the tests run inside its working copy (./mutants): a mutant that turns a path into None or ""
+    would act on the current directory (scandir(None) lists "."), so each test starts in an empty one instead.
+    It holds only mutmut's config, which the `spawn` children of multiprocessing tests read when they start."""
+    if "MUTANT_UNDER_TEST" in os.environ:
+        cwd = tmp_path_factory.mktemp("cwd")
+        shutil.copy("pyproject.toml", cwd / "pyproject.toml")
+        monkeypatch.chdir(cwd)
 
 
 @dataclass

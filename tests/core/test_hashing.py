@@ -221,3 +221,175 @@ def test_sparse_file_hashes_as_its_bytes(tmp_path: Path) -> None:
     }
     path = sparse_file(tmp_path / "s.ext4", size, data)
     assert hash_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------ found by mutation testing
+
+
+def bytes_read_by_this_process() -> int:
+    """rchar from /proc/self/io: bytes every read-like syscall of this process (all threads) returned."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def recorder(calls: list[tuple[int, int]]) -> Callable[[int, int], None]:
+    return lambda done, total: calls.append((done, total))
+
+
+def rewrite_start(fd: int) -> None:
+    os.pwrite(fd, b"changed", 0)
+
+
+def test_holes_are_not_read(tmp_path: Path) -> None:
+    """A 256 MiB template with 2 MiB of data costs about 2 MiB of reads; the same bytes written out cost them all."""
+    sparse = sparse_file(tmp_path / "sparse.ext4", 256 * MiB, {0: os.urandom(MiB), 100 * MiB + 5: os.urandom(MiB)})
+    before = bytes_read_by_this_process()
+    digest = hash_file(sparse)
+    read_sparse = bytes_read_by_this_process() - before
+    assert read_sparse < 4 * MiB, f"read {read_sparse} bytes of a file with 2 MiB of data"
+
+    dense = tmp_path / "dense.ext4"
+    with sparse.open("rb") as src, dense.open("wb") as dst:
+        while chunk := src.read(8 * MiB):
+            dst.write(chunk)
+    before = bytes_read_by_this_process()
+    assert hash_file(dense) == digest
+    assert bytes_read_by_this_process() - before >= 256 * MiB
+
+
+def test_without_seek_data_everything_is_read_and_hashes_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where SEEK_DATA or SEEK_HOLE is unsupported the file is read whole, with the same digest."""
+    data = {0: b"head", 5 * MiB + 3: os.urandom(1000), 9 * MiB: b"tail"}
+    path = sparse_file(tmp_path / "s.ext4", 9 * MiB + 4, data)
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    real_lseek = os.lseek
+    for unsupported in (os.SEEK_DATA, os.SEEK_HOLE):
+
+        def lseek(fd: int, offset: int, whence: int, unsupported: int = unsupported) -> int:
+            if whence == unsupported:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_lseek(fd, offset, whence)
+
+        monkeypatch.setattr(os, "lseek", lseek)
+        before = bytes_read_by_this_process()
+        assert hash_file(path) == expected
+        assert bytes_read_by_this_process() - before >= 9 * MiB - MiB  # all but what precedes the first data
+        monkeypatch.undo()
+
+
+def test_progress_is_reported_every_64_mib(tmp_path: Path) -> None:
+    """Progress comes at 64 MiB, 128 MiB, ..., then (total, total): for data read and for holes skipped alike."""
+    hole = sparse_file(tmp_path / "hole.ext4", 3 * EVERY + 8 * MiB)
+    dense = tmp_path / "dense.ext4"
+    dense.write_bytes(os.urandom(MiB) * (2 * EVERY // MiB + 1))
+    for path, marks in ((hole, 3), (dense, 2)):
+        size = path.stat().st_size
+        calls: list[tuple[int, int]] = []
+        hash_file(path, progress=recorder(calls))
+        assert calls == [*((k * EVERY, size) for k in range(1, marks + 1)), (size, size)]
+
+
+def test_small_template_reports_only_its_end(tmp_path: Path) -> None:
+    """A template under 64 MiB reports once, when done; exactly 64 MiB also reports only its end."""
+    for size in (EVERY - 1, EVERY):
+        path = sparse_file(tmp_path / "small.ext4", size, {0: b"x"})
+        calls: list[tuple[int, int]] = []
+        hash_file(path, progress=recorder(calls))
+        assert calls == [(size, size)]
+
+
+def test_change_while_hashing_says_what_changed(tmp_path: Path) -> None:
+    """The TemplateChanged detail says how the file changed: cut short (at which byte), resized, or rewritten."""
+    path = tmp_path / "t.ext4"
+    path.write_bytes(os.urandom(8 * MiB))
+    real_preadv = os.preadv
+    cut: list[bool] = []
+
+    def cut_then_read(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if not cut:
+            cut.append(True)
+            os.truncate(path, 1000)
+        return real_preadv(fd, buffers, offset)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "preadv", cut_then_read)
+        with pytest.raises(TemplateChanged) as short:
+            hash_file(path)
+    assert short.value.detail == f"file ended at byte 1000 of {8 * MiB}"
+    assert short.value.path == str(path)
+
+    path = sparse_file(tmp_path / "g.ext4", EVERY + 2 * RING, {0: b"y" * MiB})
+    with pytest.raises(TemplateChanged) as grown:
+        _hash_while(path, lambda fd: os.ftruncate(fd, 2 * EVERY))
+    assert grown.value.detail == f"size went from {EVERY + 2 * RING} to {2 * EVERY} bytes"
+    assert str(grown.value) == (
+        f"template {path} changed while being read (size went from {EVERY + 2 * RING} to {2 * EVERY} bytes);"
+        " retry once it is stable"
+    )
+
+    path = sparse_file(tmp_path / "w.ext4", EVERY + 2 * RING, {0: b"z" * MiB})
+    os.utime(path, ns=(0, 0))
+    with pytest.raises(TemplateChanged) as rewritten:
+        _hash_while(path, rewrite_start)
+    assert rewritten.value.detail == "rewritten in place (mtime/ctime moved)"
+
+
+def test_fifo_is_refused_not_hashed_as_empty(tmp_path: Path) -> None:
+    """A FIFO (st_size 0) is a FilesystemError(EINVAL, "not a regular file"), not the empty digest."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with pytest.raises(FilesystemError) as info:
+            hash_fd(fd, path=str(fifo))
+    finally:
+        os.close(fd)
+    assert (info.value.op, info.value.path, info.value.errno, info.value.strerror) == (
+        "read",
+        str(fifo),
+        errno.EINVAL,
+        "not a regular file",
+    )
+
+
+def test_closed_descriptor_is_a_filesystem_error(tmp_path: Path) -> None:
+    """A descriptor that is not open is our FilesystemError(EBADF) naming the path, not a bare OSError."""
+    path = tmp_path / "x"
+    path.write_bytes(b"x")
+    fd = os.open(path, os.O_RDONLY)
+    os.close(fd)
+    with pytest.raises(FilesystemError) as info:
+        hash_fd(fd, path=str(path))
+    assert (info.value.op, info.value.path, info.value.errno) == ("read", str(path), errno.EBADF)
+
+
+def test_unexpected_reader_error_reaches_the_caller_as_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-OSError inside the reader (a bug) is raised to the caller unchanged, and no reader is left behind."""
+    path = tmp_path / "d"
+    path.write_bytes(os.urandom(2 * BUF))
+
+    def broken(*args: object) -> int:
+        raise ZeroDivisionError("reader bug")
+
+    monkeypatch.setattr(os, "preadv", broken)
+    with pytest.raises(ZeroDivisionError, match="reader bug"):
+        hash_file(path)
+    assert reader_threads() == []
+
+
+def test_short_reads_are_continued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """preadv may return fewer bytes than asked: the hash goes on from where it stopped and is still exact."""
+    data = os.urandom(3 * BUF + 777)
+    path = tmp_path / "short"
+    path.write_bytes(data)
+    real_preadv = os.preadv
+
+    def at_most_1000(fd: int, buffers: list[memoryview], offset: int) -> int:
+        return real_preadv(fd, [buffers[0][:1000]], offset)
+
+    monkeypatch.setattr(os, "preadv", at_most_1000)
+    assert hash_file(path) == hashlib.sha256(data).hexdigest()

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
+import logging
 import multiprocessing
 import os
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import Env
-from tests.helpers import MIB, sha256_of, tree, wait_until
+from tests.helpers import MIB, sha256_of, tmpfs_mount, tree, wait_until, write_template, xfs_reflink_mount
 from worker import (
     FilesystemError,
     InvalidStackName,
@@ -78,8 +85,10 @@ def test_stack_by_name_returns_none_for_missing(env: Env) -> None:
     assert env.registry.stack("nope") is None
 
 
-def test_hash_cache_skips_rehash_when_mtime_unchanged(env: Env) -> None:
-    """New bytes under a restored mtime are still seen: the cache key includes ctime and size."""
+def test_new_bytes_under_a_restored_mtime_are_rehashed(env: Env) -> None:
+    """New bytes under a restored mtime are still seen: the cache key includes ctime and size.
+
+    (The seed's name for this test, test_hash_cache_skips_rehash_when_mtime_unchanged, said the opposite.)"""
     path = env.template("base", b"first-bytes")
     rewind_mtime(path, 5)
     first = env.registry.stack("base")
@@ -280,6 +289,7 @@ def test_seed_hard_link_clone_is_replaced_by_a_real_copy(env: Env) -> None:
     assert rootfs.path.read_bytes() == b"shared-inode"
 
 
+@pytest.mark.slow  # a 2 GiB template (the marker: "or large files")
 def test_sparse_template_clones_without_allocating_holes(env: Env) -> None:
     """A 2 GiB image with 64 MiB of data clones with no more blocks than the template."""
     template = env.sparse_template("big", size=2048 * MIB, data_mib=64)
@@ -305,6 +315,7 @@ def _clone_in_child(template_dir: str, clones_dir: str) -> None:
     RootfsRegistry(RootfsConfig(Path(template_dir), Path(clones_dir))).clone_for_vm("vm-1", "big")
 
 
+@pytest.mark.slow  # starts worker processes (the project's rule for the fast tier)
 def test_clone_killed_mid_copy_leaves_no_complete_looking_file(env: Env) -> None:
     """kill -9 during the copy leaves no rootfs.ext4; the next call cleans up and completes."""
     block = os.urandom(MIB)
@@ -343,6 +354,7 @@ def _clone_and_report(args: tuple[str, str, str]) -> tuple[str, str, int]:
     return str(r.path), r.source_sha256, r.path.stat().st_ino
 
 
+@pytest.mark.slow  # starts worker processes (the project's rule for the fast tier)
 def test_duplicate_concurrent_clones_converge_to_one(env: Env) -> None:
     """Ten processes cloning one VM at once get one clone and ten identical answers."""
     env.sparse_template("base", size=256 * MIB, data_mib=32)
@@ -361,6 +373,7 @@ def _hash_and_report(args: tuple[str, str]) -> bool:
     return bool(hashed)
 
 
+@pytest.mark.slow  # starts worker processes (the project's rule for the fast tier)
 def test_concurrent_cold_hashes_read_the_template_once(env: Env) -> None:
     """Four processes asking for one cold template's hash at once make one of them hash it."""
     env.sparse_template("base", size=512 * MIB, data_mib=16)
@@ -382,14 +395,44 @@ def test_hash_cache_is_shared_across_registries_and_restarts(env: Env, monkeypat
     assert counter.calls == 0
 
 
-def test_damaged_cache_entry_is_a_miss_not_a_wrong_hash(env: Env) -> None:
+@pytest.mark.parametrize("damage", ["cut short", "other digest, not hex", "other file's key"])
+def test_damaged_cache_entry_is_a_miss_not_a_wrong_hash(env: Env, damage: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A cache entry that was cut short or tampered with is ignored and the template is hashed again."""
     path = env.template("base", b"bytes")
-    env.registry.stack("base")
-    for entry in (env.clones_dir / ".cache" / "hashes").glob("*.json"):
-        entry.write_text('{"key": {}, "sha25')
+    assert env.registry.stack("base") is not None
+    found = list((env.clones_dir / ".cache" / "hashes").glob("*.json"))
+    assert len(found) == 1, "no cache entry to damage"
+    body = json.loads(found[0].read_text())
+    if damage == "cut short":
+        found[0].write_text('{"key": {}, "sha25')
+    elif damage == "other digest, not hex":
+        found[0].write_text(json.dumps({**body, "sha256": "g" * 64}))
+    else:
+        found[0].write_text(json.dumps({**body, "key": {**body["key"], "ino": body["key"]["ino"] + 1}}))
+    counter = CountingHash(monkeypatch)
     info = env.registry_again().stack("base")
     assert info is not None and info.sha256 == sha256_of(path)
+    assert counter.calls == 1
+
+
+def test_same_size_rewrite_under_a_restored_mtime_is_rehashed(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes rewritten in place, same size, mtime put back (as `touch -d` does): the ctime in the key sees it."""
+    path = env.template("base", b"version-1")
+    rewind_mtime(path, 5)
+    first = env.registry.stack("base")
+    counter = CountingHash(monkeypatch)
+    assert env.registry.stack("base") == first
+    assert counter.calls == 0
+    st = path.stat()
+    with path.open("r+b") as f:
+        f.write(b"version-2")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    env.forget(path)
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    for registry in (env.registry, env.registry_again()):
+        second = registry.stack("base")
+        assert second is not None and first is not None
+        assert second.sha256 == sha256_of(path) != first.sha256
 
 
 def test_template_changing_during_clone_fails_transient_and_leaves_nothing(
@@ -472,7 +515,8 @@ def test_two_vm_ids_for_one_directory_never_share_a_disk(env: Env) -> None:
     first = env.registry.clone_for_vm("vm/1", "base")
     with pytest.raises(VmIdConflict) as info:
         env.registry.clone_for_vm("vm:1", "base")
-    assert info.value.owner == "vm/1" and not info.value.transient
+    assert (info.value.vm_id, info.value.safe_id, info.value.owner) == ("vm:1", "vm_1", "vm/1")
+    assert not info.value.transient
     with pytest.raises(VmIdConflict):
         env.registry.release("vm:1")
     assert first.path.exists()
@@ -486,9 +530,17 @@ def test_symlink_in_place_of_a_vm_dir_is_not_followed(env: Env) -> None:
     target.mkdir()
     env.clones_dir.mkdir()
     (env.clones_dir / "vm-1").symlink_to(target)
-    with pytest.raises(FilesystemError):
+    with pytest.raises(FilesystemError) as info:
         env.registry.clone_for_vm("vm-1", "base")
+    assert (info.value.op, info.value.path, info.value.errno) == (
+        "open clone dir",
+        str(env.clones_dir / "vm-1"),
+        errno.ENOTDIR,  # O_DIRECTORY | O_NOFOLLOW on a symlink
+    )
+    with pytest.raises(FilesystemError):
+        env.registry.release("vm-1")
     assert list(target.iterdir()) == []
+    assert (env.clones_dir / "vm-1").is_symlink()
 
 
 def test_error_round_trips_through_its_args() -> None:
@@ -522,6 +574,7 @@ def _release(args: tuple[str, str, str]) -> bool:
     return RootfsRegistry(RootfsConfig(Path(template_dir), Path(clones_dir))).release(vm_id)
 
 
+@pytest.mark.slow  # starts worker processes (the project's rule for the fast tier)
 def test_concurrent_releases_delete_everything(env: Env) -> None:
     """Twenty VMs released by eight processes at once: every clone is gone and the trash is empty."""
     env.sparse_template("base", size=64 * MIB, data_mib=4)
@@ -560,3 +613,497 @@ def test_hash_work_counts_hits_misses_bytes_and_failed_attempts(env: Env) -> Non
         env.registry.clone_for_vm("vm-3", "other")
     after = env.registry.hash_work - work
     assert (after.hits, after.misses, after.bytes) == (0, 1, 3000)
+
+
+# ------------------------------------------------------------------ found by mutation testing (issue 14)
+
+
+def test_vm_id_with_surrounding_whitespace_owns_its_clone(env: Env) -> None:
+    """ "vm-1 " clones, clones again and releases; "vm-1\\t" (same directory, vm-1_) is refused its disk."""
+    env.template("base", b"x")
+    first = env.registry.clone_for_vm("vm-1 ", "base")
+    assert env.registry.clone_for_vm("vm-1 ", "base") == first
+    with pytest.raises(VmIdConflict) as info:
+        env.registry.clone_for_vm("vm-1\t", "base")
+    assert info.value.owner == "vm-1 "
+    assert env.registry.release("vm-1 ") is True
+    assert not first.path.exists()
+
+
+def test_symlink_planted_as_a_vms_rootfs_is_replaced_not_followed(env: Env) -> None:
+    """A rootfs.ext4 that is a symlink (to a host file) is never handed out nor written through: a real clone
+    replaces it and the target is untouched; a real clone in its place is kept as it is."""
+    env.template("base", b"template")
+    info = env.registry.stack("base")
+    assert info is not None
+    secret = env.root / "outside" / "host-disk.img"
+    secret.parent.mkdir()
+    secret.write_bytes(b"host data")
+    vm_dir = env.clones_dir / "vm-1"
+    vm_dir.mkdir(parents=True)
+    (vm_dir / "rootfs.ext4").symlink_to(secret)
+    (vm_dir / "rootfs.ext4.sha256").write_text(info.sha256)
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    assert not rootfs.path.is_symlink() and stat.S_ISREG(rootfs.path.lstat().st_mode)
+    assert rootfs.path.read_bytes() == b"template"
+    assert secret.read_bytes() == b"host data"
+    ino = rootfs.path.stat().st_ino
+    assert env.registry.clone_for_vm("vm-1", "base") == rootfs
+    assert rootfs.path.stat().st_ino == ino
+    assert env.registry.release("vm-1") is True
+    assert secret.read_bytes() == b"host data"
+
+
+@pytest.mark.parametrize(("template_mode", "clone_mode"), [(0o644, 0o644), (0o444, 0o644), (0o640, 0o640)])
+def test_clone_keeps_the_templates_permissions_and_is_writable_by_its_owner(
+    env: Env, template_mode: int, clone_mode: int
+) -> None:
+    """The clone has the template's permission bits, plus read/write for its owner (the VM writes to it)."""
+    path = env.template("base", b"x" * 100)
+    path.chmod(template_mode)
+    old_umask = os.umask(0o022)
+    try:
+        rootfs = env.registry.clone_for_vm("vm-1", "base")
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(rootfs.path.stat().st_mode) == clone_mode
+
+
+def test_two_warm_ups_at_once_one_works_the_other_says_busy(env: Env) -> None:
+    """A warm-up that starts while another runs returns at once as busy, hashing nothing; afterwards one runs."""
+    env.template("a", b"a-bytes")
+    env.template("b", b"b-bytes")
+    during: list[object] = []
+
+    def start_another(stack: str, done: int, total: int) -> None:
+        if not during:
+            during.append(env.registry_again().warm())
+
+    first = env.registry.warm(progress=start_another)
+    assert first.hashed == ("a", "b") and not first.busy
+    (second,) = during
+    assert second == type(first)(busy=True)
+    assert second.to_dict()["busy"] is True and second.to_dict()["hashed"] == []
+    third = env.registry_again().warm()
+    assert not third.busy and third.already_warm == ("a", "b") and third.hashed == ()
+
+
+def test_warm_up_reports_a_failing_stack_and_hashes_the_others(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stack whose template cannot be read (EIO) is reported in `failed` with its error; the others are hashed,
+    and the next warm-up hashes it once it reads again."""
+    env.template("a-good", b"good")
+    bad = env.template("b-bad", b"bad" * 1000)
+    env.template("c-good", b"also good")
+    real_preadv = os.preadv
+
+    def failing_for_bad(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(bad):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", failing_for_bad)
+    report = env.registry.warm()
+    monkeypatch.undo()
+    assert report.hashed == ("a-good", "c-good")
+    assert report.failed == {"b-bad": f"FilesystemError: read {bad}: Input/output error (EIO)"}
+    assert report.bytes_hashed == len(b"good") + len(b"also good")
+    again = env.registry.warm()
+    assert again.hashed == ("b-bad",) and again.already_warm == ("a-good", "c-good") and again.failed == {}
+    assert again.bytes_hashed == bad.stat().st_size
+
+
+def test_warm_up_skips_what_is_not_a_stack(env: Env) -> None:
+    """Directories without a template and FIFOs are neither hashed nor failures, and the stacks after them are
+    still warmed; the report's time is the warm-up's own."""
+    (env.template_dir / "a-empty").mkdir()
+    (env.template_dir / "b-pipe").mkdir()
+    os.mkfifo(env.template_dir / "b-pipe" / "rootfs.ext4")
+    env.template("c-base", b"x")
+    started = time.monotonic()
+    report = env.registry.warm()
+    elapsed = time.monotonic() - started
+    assert report.hashed == ("c-base",) and report.failed == {} and not report.busy
+    assert 0 <= report.seconds <= elapsed
+
+
+def test_warm_up_on_a_missing_template_dir_is_empty(tmp_path: Path) -> None:
+    """A host with no template dir warms nothing and reports no failure."""
+    report = RootfsRegistry(RootfsConfig(tmp_path / "none", tmp_path / "clones")).warm()
+    assert (report.hashed, report.already_warm, report.failed, report.busy) == ((), (), {}, False)
+
+
+def test_progress_reports_the_stack_being_hashed(env: Env) -> None:
+    """stacks() and clone_for_vm() report (stack, done, total) while a cold template hashes, nothing when warm."""
+    env.template("base", b"x" * 1000)
+    seen: list[tuple[str, int, int]] = []
+    env.registry.clone_for_vm("vm-1", "base", progress=lambda *a: seen.append(a))
+    assert seen == [("base", 1000, 1000)]
+    seen.clear()
+    env.registry.stacks(progress=lambda *a: seen.append(a))
+    env.registry.stack("base", progress=lambda *a: seen.append(a))
+    assert seen == []
+
+
+@contextlib.contextmanager
+def immutable(path: Path) -> Iterator[None]:
+    """chattr +i: even root can then create, rename or remove nothing in it: a real refusal from the filesystem."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_clone_dir_that_cannot_be_created_is_reported_and_nothing_is_made(env: Env) -> None:
+    """A clones dir that refuses a new VM directory gives FilesystemError("create clone dir") naming it."""
+    env.template("base", b"x")
+    env.registry.clone_for_vm("vm-0", "base")
+    with immutable(env.clones_dir), pytest.raises(FilesystemError) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert (info.value.op, info.value.path, info.value.errno) == (
+        "create clone dir",
+        str(env.clones_dir / "vm-1"),
+        errno.EPERM,
+    )
+    assert not (env.clones_dir / "vm-1").exists()
+    assert env.registry.clone_for_vm("vm-1", "base").path.read_bytes() == b"x"
+
+
+def test_clone_file_that_cannot_be_created_is_reported(env: Env) -> None:
+    """A VM directory that refuses the partial clone gives FilesystemError("create clone") naming the partial."""
+    env.template("base", b"x")
+    vm_dir = env.clones_dir / "vm-1"
+    vm_dir.mkdir(parents=True)
+    (vm_dir / ".vm-id").write_text("vm-1")
+    (vm_dir / ".clone.json").write_text(json.dumps({"vm_id": "vm-1", "stack": "base", "created": 1.0}))
+    with immutable(vm_dir), pytest.raises(FilesystemError) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert (info.value.op, info.value.path) == ("create clone", str(vm_dir / "rootfs.ext4.partial"))
+    assert sorted(p.name for p in vm_dir.iterdir()) == [".clone.json", ".vm-id"]
+
+
+def test_release_that_cannot_move_the_clone_is_reported_and_keeps_it(env: Env) -> None:
+    """A clones dir that refuses the move to the trash gives FilesystemError("remove clone dir"); the clone stays."""
+    env.template("base", b"x")
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    with immutable(env.clones_dir), pytest.raises(FilesystemError) as info:
+        env.registry.release("vm-1")
+    assert (info.value.op, info.value.path, info.value.errno) == (
+        "remove clone dir",
+        str(env.clones_dir / "vm-1"),
+        errno.EPERM,
+    )
+    assert rootfs.path.read_bytes() == b"x"
+    assert env.registry.release("vm-1") is True
+
+
+@pytest.mark.parametrize("step", ["flush", "rename"])
+def test_a_failing_final_step_is_reported_and_leaves_no_clone(
+    env: Env, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """fsync or the final rename failing (EIO) is a transient FilesystemError naming the step and the partial
+    clone; neither a clone nor a stamp is left, and the next attempt succeeds."""
+    env.template("base", b"x" * 4096)
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode) and os.fstat(fd).st_size == 4096:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    def rename(src: Any, dst: Any, **kw: Any) -> None:
+        if src == "rootfs.ext4.partial":
+            raise OSError(errno.EIO, "Input/output error")
+        real_rename(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync" if step == "flush" else "rename", fsync if step == "flush" else rename)
+    with pytest.raises(FilesystemError) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    vm_dir = env.clones_dir / "vm-1"
+    # The flush names the partial it flushes; the rename names the clone it would create.
+    named = "rootfs.ext4.partial" if step == "flush" else "rootfs.ext4"
+    assert (info.value.op, info.value.path, info.value.errno) == (f"{step} clone", str(vm_dir / named), errno.EIO)
+    assert info.value.transient
+    assert not vm_dir.exists()
+    monkeypatch.undo()
+    assert env.registry.clone_for_vm("vm-1", "base").path.read_bytes() == b"x" * 4096
+
+
+@pytest.mark.parametrize("cleanup_failure", ["foreign file", "immutable owner record"])
+def test_the_original_error_wins_when_cleanup_also_fails(
+    env: Env, monkeypatch: pytest.MonkeyPatch, cleanup_failure: str
+) -> None:
+    """A failed copy is reported as itself even when its cleanup cannot finish; no clone is left either way."""
+    env.template("base", b"x" * 4096)
+    vm_dir = env.clones_dir / "vm-1"
+    vm_dir.mkdir(parents=True)
+    (vm_dir / ".vm-id").write_text("vm-1")
+
+    def disk_full(src: int, dst: int, **kw: Any) -> cloning.CloneMethod:
+        raise FilesystemError.from_os(OSError(errno.ENOSPC, "No space left on device"), op="copy", path="d")
+
+    monkeypatch.setattr(cloning, "clone_fd", disk_full)
+    if cleanup_failure == "foreign file":
+        (vm_dir / "console.log").write_text("left by someone else")  # the directory cannot be removed
+        with pytest.raises(FilesystemError) as info:
+            env.registry.clone_for_vm("vm-1", "base")
+    else:
+        with immutable(vm_dir / ".vm-id"), pytest.raises(FilesystemError) as info:
+            env.registry.clone_for_vm("vm-1", "base")
+    assert info.value.errno == errno.ENOSPC
+    assert not (vm_dir / "rootfs.ext4").exists() and not (vm_dir / "rootfs.ext4.partial").exists()
+
+
+def test_release_also_empties_what_crashed_releases_left_in_the_trash(env: Env) -> None:
+    """Clones a crashed release left in .trash are deleted by the next release."""
+    env.template("base", b"x")
+    env.registry.clone_for_vm("vm-1", "base")
+    leftover = env.clones_dir / ".trash" / "vm-0.0123abcd"
+    (leftover / "sub").mkdir(parents=True)
+    (leftover / "sub" / "rootfs.ext4").write_bytes(b"old")
+    assert env.registry.release("vm-1") is True
+    assert list((env.clones_dir / ".trash").iterdir()) == []
+
+
+def test_release_refused_for_another_vm_id_names_both(env: Env) -> None:
+    """Releasing vm:1 where vm/1 owns vm_1 is a VmIdConflict with the caller's id, the directory and the owner."""
+    env.template("base", b"x")
+    env.registry.clone_for_vm("vm/1", "base")
+    with pytest.raises(VmIdConflict) as info:
+        env.registry.release("vm:1")
+    assert (info.value.vm_id, info.value.safe_id, info.value.owner) == ("vm:1", "vm_1", "vm/1")
+    assert str(info.value) == "vm id 'vm:1' maps to clone directory 'vm_1', which belongs to vm id 'vm/1'"
+
+
+def test_cold_stacks_report_hash_progress(env: Env) -> None:
+    """Listing stacks whose hashes are cold reports each one's hashing, once; listing again reports nothing."""
+    env.template("a", b"a" * 10)
+    env.template("b", b"b" * 20)
+    seen: list[tuple[str, int, int]] = []
+    env.registry.stacks(progress=lambda *a: seen.append(a))
+    assert seen == [("a", 10, 10), ("b", 20, 20)]
+    seen.clear()
+    env.registry.stacks(progress=lambda *a: seen.append(a))
+    assert seen == []
+
+
+def test_replacing_a_bad_clone_is_logged(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """Removing an interrupted or shared clone leaves a warning naming the VM directory; a clone logs its method."""
+    env.template("base", b"complete")
+    vm_dir = env.clones_dir / "vm-1"
+    vm_dir.mkdir(parents=True)
+    (vm_dir / "rootfs.ext4").write_bytes(b"comp")
+    caplog.set_level(logging.INFO, logger="worker.core.registry")
+    env.registry.clone_for_vm("vm-1", "base")
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"removing incomplete or shared clone in {vm_dir}" in messages
+    template = env.template_dir / "base" / "rootfs.ext4"
+    assert f"cloned {template} to {vm_dir / 'rootfs.ext4'} by sparse-copy" in messages
+
+
+@pytest.mark.parametrize("first_failing", [1, 2])
+def test_a_clone_that_cannot_be_examined_is_reported(
+    env: Env, monkeypatch: pytest.MonkeyPatch, first_failing: int
+) -> None:
+    """Examining an existing clone failing (EIO), from the leftover sweep on or only after it, is FilesystemError
+    ("stat clone") naming it, and the clone is left alone."""
+    env.template("base", b"x")
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    real_stat = os.stat
+    calls = 0
+
+    def stat_(path: Any, *args: Any, **kw: Any) -> os.stat_result:
+        nonlocal calls
+        if path == "rootfs.ext4" and kw.get("dir_fd") is not None:
+            calls += 1
+            if calls >= first_failing:
+                raise OSError(errno.EIO, "Input/output error")
+        return real_stat(path, *args, **kw)
+
+    monkeypatch.setattr(os, "stat", stat_)
+    with pytest.raises(FilesystemError) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert (info.value.op, info.value.path, info.value.errno) == ("stat clone", str(rootfs.path), errno.EIO)
+    monkeypatch.undo()
+    assert rootfs.path.read_bytes() == b"x"
+
+
+def test_leftovers_beside_an_interrupted_clone_all_go(env: Env) -> None:
+    """An interrupted clone (no stamp) with stray partials, one of them a directory: all removed, one clean clone."""
+    env.template("base", b"complete")
+    vm_dir = env.clones_dir / "vm-1"
+    vm_dir.mkdir(parents=True)
+    (vm_dir / "rootfs.ext4").write_bytes(b"comp")
+    (vm_dir / ".vm-id.partial").write_text("vm-1")
+    (vm_dir / "rootfs.ext4.sha256.partial").mkdir()
+    (vm_dir / "rootfs.ext4.sha256.partial" / "junk").write_text("x")
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    assert rootfs.path.read_bytes() == b"complete"
+    assert sorted(p.name for p in vm_dir.iterdir()) == [".clone.json", ".vm-id", "rootfs.ext4", "rootfs.ext4.sha256"]
+
+
+def test_a_stamp_that_cannot_be_read_is_reported(env: Env) -> None:
+    """A directory where a clone's stamp belongs is FilesystemError("read") naming it; the clone is left alone."""
+    env.template("base", b"x")
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    stamp = env.clones_dir / "vm-1" / "rootfs.ext4.sha256"
+    stamp.unlink()
+    stamp.mkdir()
+    with pytest.raises(FilesystemError) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert (info.value.op, info.value.path, info.value.errno) == ("read", str(stamp), errno.EISDIR)
+    assert rootfs.path.read_bytes() == b"x"
+
+
+def test_one_stack_reports_its_hash_progress(env: Env) -> None:
+    """stack() reports the hashing of a cold template, and nothing once it is warm."""
+    env.template("base", b"y" * 30)
+    seen: list[tuple[str, int, int]] = []
+    env.registry.stack("base", progress=lambda *a: seen.append(a))
+    assert seen == [("base", 30, 30)]
+    env.registry.stack("base", progress=lambda *a: seen.append(a))
+    assert seen == [("base", 30, 30)]
+
+
+def test_a_read_error_inside_the_copy_names_the_template(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A template that fails to read (EIO) while it is copied is FilesystemError("copy") naming the template,
+    not the clone, and no clone is left. (Changing the template under a clone is issue 10's read lease.)"""
+    path = env.template("base", os.urandom(2 * MIB))
+
+    def unreadable(*args: int) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    assert env.registry.stack("base") is not None
+    monkeypatch.setattr(os, "copy_file_range", unreadable)
+    with pytest.raises(FilesystemError) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert (info.value.op, info.value.path, info.value.errno) == ("copy", str(path), errno.EIO)
+    assert not (env.clones_dir / "vm-1").exists()
+
+
+def test_a_full_clones_filesystem_names_the_partial_clone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clones filesystem that fills up during the copy (another writer takes the room the space check saw)
+    fails with a transient ENOSPC naming the partial clone, and leaves nothing behind."""
+    template_dir = tmp_path / "templates"
+    write_template(template_dir, "base", os.urandom(4 * MIB))
+    with tmpfs_mount(tmp_path, size_mib=8) as clones_dir:
+        registry = RootfsRegistry(RootfsConfig(template_dir, clones_dir))
+        real_pwrite = os.pwrite
+        filler = clones_dir / "filler"
+
+        def someone_fills_the_disk(fd: int, data: Any, offset: int) -> int:
+            if not filler.exists():
+                with filler.open("wb") as f, contextlib.suppress(OSError):
+                    f.write(bytes(8 * MIB))
+            return real_pwrite(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", someone_fills_the_disk)
+        with pytest.raises(FilesystemError) as info:
+            registry.clone_for_vm("vm-1", "base")
+        monkeypatch.undo()
+        assert (info.value.path, info.value.errno) == (str(clones_dir / "vm-1" / "rootfs.ext4.partial"), errno.ENOSPC)
+        assert info.value.transient
+        assert not (clones_dir / "vm-1").exists()
+        filler.unlink()
+
+
+def test_a_failing_stamp_write_is_reported_and_cleanup_failures_do_not_hide_it(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stamp's rename failing (EIO) is FilesystemError("stamp clone") naming the stamp, even when removing the
+    leftovers fails too; no clone is left."""
+    env.template("base", b"x" * 4096)
+    real_rename, real_unlink = os.rename, os.unlink
+
+    def rename(src: Any, dst: Any, **kw: Any) -> None:
+        if src == "rootfs.ext4.sha256.partial":
+            raise OSError(errno.EIO, "Input/output error")
+        real_rename(src, dst, **kw)
+
+    def unlink(path: Any, **kw: Any) -> None:
+        if kw.get("dir_fd") is not None and str(path).startswith("rootfs.ext4"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_unlink(path, **kw)
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(FilesystemError) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    vm_dir = env.clones_dir / "vm-1"
+    assert (info.value.op, info.value.path, info.value.errno) == (
+        "stamp clone",
+        str(vm_dir / "rootfs.ext4.sha256"),
+        errno.EIO,
+    )
+    assert not (vm_dir / "rootfs.ext4").exists()
+
+
+def test_an_unreadable_owner_record_is_reported(env: Env) -> None:
+    """A directory where the owner record belongs is FilesystemError("read") naming it, for clone and release."""
+    env.template("base", b"x")
+    env.registry.clone_for_vm("vm-1", "base")
+    owner = env.clones_dir / "vm-1" / ".vm-id"
+    owner.unlink()
+    owner.mkdir()
+    for call in (lambda: env.registry.clone_for_vm("vm-1", "base"), lambda: env.registry.release("vm-1")):
+        with pytest.raises(FilesystemError) as info:
+            call()
+        assert (info.value.op, info.value.path, info.value.errno) == ("read", str(owner), errno.EISDIR)
+    assert (env.clones_dir / "vm-1" / "rootfs.ext4").read_bytes() == b"x"
+
+
+def test_vm_id_with_a_lone_surrogate_is_recorded_and_released(env: Env) -> None:
+    """A vm id JSON can carry but UTF-8 cannot encode ("vm-\\udc80") still owns, re-finds and releases its clone."""
+    env.template("base", b"x")
+    rootfs = env.registry.clone_for_vm("vm-\udc80", "base")
+    assert rootfs.vm_id == "vm-_"
+    assert (env.clones_dir / "vm-_" / ".vm-id").read_bytes() == "vm-\udc80".encode("utf-8", "surrogatepass")
+    assert env.registry.clone_for_vm("vm-\udc80", "base") == rootfs
+    with pytest.raises(VmIdConflict):
+        env.registry.clone_for_vm("vm-\udc81", "base")
+    assert env.registry.release("vm-\udc80") is True
+
+
+def test_an_owner_record_that_cannot_be_written_is_reported(env: Env) -> None:
+    """A VM directory that refuses the owner record is FilesystemError("write") naming it; nothing is cloned."""
+    env.template("base", b"x")
+    vm_dir = env.clones_dir / "vm-1"
+    vm_dir.mkdir(parents=True)
+    with immutable(vm_dir), pytest.raises(FilesystemError) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert (info.value.op, info.value.path, info.value.errno) == ("write", str(vm_dir / ".vm-id"), errno.EPERM)
+    assert list(vm_dir.iterdir()) == []
+
+
+def test_an_empty_stamp_is_a_mismatch_showing_no_stamp(env: Env) -> None:
+    """A clone whose stamp came back empty is refused as a mismatch with an empty stamp, never reused blindly."""
+    env.template("base", b"x")
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    (env.clones_dir / "vm-1" / "rootfs.ext4.sha256").write_bytes(b"")
+    with pytest.raises(StampMismatch) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert (info.value.stamp, info.value.template_sha256) == ("", rootfs.source_sha256)
+
+
+def test_a_template_read_error_while_hashing_names_the_template(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A template that fails to read (EIO) while its hash is computed is FilesystemError("read") naming it."""
+    path = env.template("base", os.urandom(3 * MIB))
+
+    def broken(*args: Any) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "preadv", broken)
+    with pytest.raises(FilesystemError) as info:
+        env.registry.stack("base")
+    assert (info.value.op, info.value.path, info.value.errno) == ("read", str(path), errno.EIO)
+
+
+def test_a_clone_on_a_reflink_filesystem_says_reflink(tmp_path: Path) -> None:
+    """Templates and clones on one XFS (reflink=1): the clone is made by reflink, and says so."""
+    with xfs_reflink_mount(tmp_path) as mountpoint:
+        write_template(mountpoint / "templates", "base", os.urandom(MIB))
+        registry = RootfsRegistry(RootfsConfig(mountpoint / "templates", mountpoint / "clones"))
+        rootfs = registry.clone_for_vm("vm-1", "base")
+        assert rootfs.method == "reflink"
+        assert sha256_of(rootfs.path) == rootfs.source_sha256

@@ -59,8 +59,8 @@ def open_dir(path: Path, *, op: str) -> int:
         raise FilesystemError.from_os(exc, op=op, path=path) from exc
 
 
-def read_text(dir_fd: int, name: str, vm_dir: Path) -> str | None:
-    """A small file's trimmed text (as the seed reads stamps), None when it does not exist."""
+def read_text(dir_fd: int, name: str, vm_dir: Path, *, strip: bool = True) -> str | None:
+    """A small file's text, trimmed unless not `strip` (as the seed reads stamps), None when it does not exist."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -73,7 +73,8 @@ def read_text(dir_fd: int, name: str, vm_dir: Path) -> str | None:
         raise FilesystemError.from_os(exc, op="read", path=vm_dir / name) from exc
     finally:
         close(fd)
-    return raw.decode("utf-8", "surrogatepass").strip()
+    text = raw.decode("utf-8", "surrogatepass")
+    return text.strip() if strip else text
 
 
 def read_small_file(dir_fd: int, name: str, *, limit: int) -> bytes | None:

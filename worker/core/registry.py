@@ -347,7 +347,7 @@ class RootfsRegistry:
             fsops.close(fd)
 
     def _check_owner(self, dir_fd: int, vm_dir: Path, vm_id: str, safe_id: str) -> None:
-        owner = fsops.read_text(dir_fd, OWNER_FILE, vm_dir)
+        owner = _read_owner(dir_fd, vm_dir)
         if owner and owner != vm_id:
             raise VmIdConflict(vm_id, safe_id, owner)
 
@@ -358,7 +358,7 @@ class RootfsRegistry:
         Not flushed on its own (one fsync less on the clone path): after a power cut the record may come
         back empty, which reads as no record, as for a directory the seed made.
         """
-        if fsops.read_text(dir_fd, OWNER_FILE, vm_dir) != vm_id:
+        if _read_owner(dir_fd, vm_dir) != vm_id:
             fsops.write_atomic(dir_fd, OWNER_FILE, vm_id.encode("utf-8", "surrogatepass"), vm_dir, durable=False)
         records.write_record(dir_fd, vm_dir, vm_id=vm_id, stack=stack, adopted=existing)
 
@@ -452,6 +452,12 @@ def _roll_back(dir_fd: int, vm_dir: Path) -> None:
     for leftover in (CLONE_STAMP_FILE, *partials()):
         with contextlib.suppress(RootfsError):
             fsops.unlink(dir_fd, leftover, vm_dir)
+
+
+def _read_owner(dir_fd: int, vm_dir: Path) -> str | None:
+    """The recorded vm id exactly as the caller sent it: "vm-1 " and "vm-1\t" share a directory (vm-1_)
+    and must not share a disk, and an id with a trailing space must still own (and release) its clone."""
+    return fsops.read_text(dir_fd, OWNER_FILE, vm_dir, strip=False)
 
 
 def _clear_leftovers(dir_fd: int, vm_dir: Path) -> bool:

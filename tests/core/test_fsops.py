@@ -1,0 +1,197 @@
+"""The fd-relative file primitives: what they leave on disk and how their failures are named."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from worker.core import fsops
+from worker.errors import FilesystemError
+
+
+@pytest.fixture
+def vm_dir(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    path = tmp_path / "vm-1"
+    path.mkdir()
+    fd = os.open(path, fsops.OPEN_DIR)
+    try:
+        yield path, fd
+    finally:
+        os.close(fd)
+
+
+def test_read_text_trims_unless_asked_not_to(vm_dir: tuple[Path, int]) -> None:
+    """A stamp reads trimmed (as the seed writes and reads it), an owner record exactly; a missing file is None."""
+    path, fd = vm_dir
+    (path / "stamp").write_text("  abc\n")
+    assert fsops.read_text(fd, "stamp", path) == "abc"
+    assert fsops.read_text(fd, "stamp", path, strip=False) == "  abc\n"
+    assert fsops.read_text(fd, "missing", path) is None
+
+
+@pytest.mark.parametrize(("plant", "code"), [("directory", errno.EISDIR), ("symlink", errno.ELOOP)])
+def test_read_text_refuses_what_is_not_a_file(vm_dir: tuple[Path, int], plant: str, code: int) -> None:
+    """A directory or a symlink where a small file belongs is a FilesystemError naming it, never followed."""
+    path, fd = vm_dir
+    if plant == "directory":
+        (path / "stamp").mkdir()
+    else:
+        (path / "target").write_text("elsewhere")
+        (path / "stamp").symlink_to(path / "target")
+    with pytest.raises(FilesystemError) as info:
+        fsops.read_text(fd, "stamp", path)
+    assert (info.value.op, info.value.path, info.value.errno) == ("read", str(path / "stamp"), code)
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_write_atomic_replaces_the_whole_file_and_leaves_no_partial(vm_dir: tuple[Path, int], durable: bool) -> None:
+    """The file holds exactly the new bytes, readable by others (0644), and no .partial is left."""
+    path, fd = vm_dir
+    (path / "stamp").write_text("old and longer")
+    fsops.write_atomic(fd, "stamp", b"new", path, durable=durable)
+    assert (path / "stamp").read_bytes() == b"new"
+    assert (path / "stamp").stat().st_mode & 0o777 == 0o644 & ~_umask()
+    assert sorted(p.name for p in path.iterdir()) == ["stamp"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_write_atomic_failure_names_the_file(vm_dir: tuple[Path, int]) -> None:
+    """A write that cannot land (a directory is in the way) is a FilesystemError naming the target file."""
+    path, fd = vm_dir
+    (path / "stamp").mkdir()
+    (path / "stamp" / "inside").write_text("x")
+    with pytest.raises(FilesystemError) as info:
+        fsops.write_atomic(fd, "stamp", b"new", path)
+    assert (info.value.op, info.value.path) == ("write", str(path / "stamp"))
+    fsops.write_atomic(fd, "other", b"fine", path)
+    assert (path / "other").read_bytes() == b"fine"
+
+
+def test_unlink_removes_files_and_directories_and_ignores_missing(vm_dir: tuple[Path, int]) -> None:
+    """unlink removes a file, a whole directory left where a file belongs, and is quiet when nothing is there."""
+    path, fd = vm_dir
+    (path / "file").write_text("x")
+    (path / "dir").mkdir()
+    (path / "dir" / "inside").write_text("x")
+    for name in ("file", "dir", "missing"):
+        fsops.unlink(fd, name, path)
+    assert list(path.iterdir()) == []
+
+
+def test_unlink_failure_names_the_file(vm_dir: tuple[Path, int]) -> None:
+    """An unlink refused by the filesystem (an immutable file) is a FilesystemError naming it."""
+    path, fd = vm_dir
+    victim = path / "rootfs.ext4"
+    victim.write_text("x")
+    if subprocess.run(["chattr", "+i", str(victim)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        with pytest.raises(FilesystemError) as info:
+            fsops.unlink(fd, "rootfs.ext4", path)
+        assert (info.value.op, info.value.path, info.value.errno) == ("remove", str(victim), errno.EPERM)
+    finally:
+        subprocess.run(["chattr", "-i", str(victim)], check=True)
+
+
+def test_delete_quietly_removes_trees_and_files_and_warns_instead_of_failing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Released clones are deleted whole; what cannot be deleted is logged by name and never raised."""
+    tree = tmp_path / "vm-1.abc"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "rootfs.ext4").write_text("x")
+    loose = tmp_path / "loose"
+    loose.write_text("x")
+    link = tmp_path / "link"
+    link.symlink_to(tree)
+    fsops.delete_quietly(link)  # a symlink goes, never what it points to
+    assert tree.exists() and not link.exists()
+    for path in (tree, loose, tmp_path / "missing"):
+        fsops.delete_quietly(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert caplog.text == ""
+
+    stuck_dir = tmp_path / "vm-2.def"
+    stuck_dir.mkdir()
+    stuck = stuck_dir / "rootfs.ext4"
+    stuck.write_text("x")
+    if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        fsops.delete_quietly(stuck_dir)
+        fsops.delete_quietly(stuck)
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"could not delete released clone {stuck}: [Errno 1] Operation not permitted: 'rootfs.ext4'" in messages
+    assert f"could not delete released clone {stuck}: [Errno 1] Operation not permitted: '{stuck}'" in messages
+
+
+class _Unreadable:
+    """A directory entry whose type cannot be read (as after an I/O error)."""
+
+    name = "broken"
+
+    def is_dir(self) -> bool:
+        raise OSError(errno.EIO, "Input/output error")
+
+
+def test_an_entry_whose_type_cannot_be_read_is_not_a_directory(tmp_path: Path) -> None:
+    """is_dir answers False for an entry it cannot examine, True for a real directory."""
+    (tmp_path / "d").mkdir()
+    (real,) = os.scandir(tmp_path)
+    assert fsops.is_dir(real) is True
+    assert fsops.is_dir(_Unreadable()) is False  # type: ignore[arg-type]
+
+
+def test_a_directory_that_cannot_be_removed_whole_is_not_an_error(vm_dir: tuple[Path, int]) -> None:
+    """A directory left where a file belongs is removed as far as it can be; what resists stays, without error."""
+    path, fd = vm_dir
+    (path / "rootfs.ext4.partial").mkdir()
+    stuck = path / "rootfs.ext4.partial" / "stuck"
+    stuck.write_text("x")
+    (path / "rootfs.ext4.partial" / "loose").write_text("x")
+    if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        fsops.unlink(fd, "rootfs.ext4.partial", path)
+        assert sorted(p.name for p in (path / "rootfs.ext4.partial").iterdir()) == ["stuck"]
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)
+
+
+def test_write_atomic_overwrites_a_stale_partial_whole(vm_dir: tuple[Path, int]) -> None:
+    """A longer partial left by a crash does not leak its tail into the new file."""
+    path, fd = vm_dir
+    (path / "stamp.partial").write_text("left by a crash, longer than the new content")
+    fsops.write_atomic(fd, "stamp", b"new", path)
+    assert (path / "stamp").read_bytes() == b"new"
+
+
+def test_write_atomic_never_writes_through_a_planted_symlink(vm_dir: tuple[Path, int], tmp_path: Path) -> None:
+    """A symlink planted as the partial is refused (ELOOP), and its target keeps its bytes."""
+    path, fd = vm_dir
+    target = tmp_path / "host-file"
+    target.write_text("host data")
+    (path / "stamp.partial").symlink_to(target)
+    with pytest.raises(FilesystemError) as info:
+        fsops.write_atomic(fd, "stamp", b"new", path)
+    assert (info.value.op, info.value.path, info.value.errno) == ("write", str(path / "stamp"), errno.ELOOP)
+    assert target.read_text() == "host data"
+
+
+def test_a_fifo_planted_as_a_small_file_reads_as_empty_without_hanging(vm_dir: tuple[Path, int]) -> None:
+    """A FIFO where a stamp or owner record belongs reads as empty at once: nobody can make the worker wait."""
+    path, fd = vm_dir
+    os.mkfifo(path / "stamp")
+    assert fsops.read_text(fd, "stamp", path) == ""

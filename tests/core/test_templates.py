@@ -1,0 +1,132 @@
+"""Which template files count as stacks, and how one is held while it is hashed and copied."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Env
+from tests.helpers import write_template
+from worker.core.templates import open_template, stack_names
+from worker.errors import FilesystemError, TemplateChanged
+
+
+def test_only_directories_with_sendable_names_are_stacks(env: Env) -> None:
+    """Directories are stacks; a loose file, or a directory named in non-UTF-8 (no caller could send it), is not."""
+    env.template("base", b"x")
+    (env.template_dir / "README").write_text("not a stack")
+    bad = os.fsencode(env.template_dir) + b"/caf\xe9"
+    os.mkdir(bad)
+    with open(bad + b"/rootfs.ext4", "wb") as f:
+        f.write(b"x")
+    assert stack_names(env.template_dir) == ["base"]
+    assert [s.name for s in env.registry.stacks()] == ["base"]
+
+
+def test_unreadable_template_dir_is_a_filesystem_error(tmp_path: Path) -> None:
+    """A template dir that is not a directory is FilesystemError("read template dir") naming it; missing is empty."""
+    (tmp_path / "templates").write_text("a file")
+    with pytest.raises(FilesystemError) as info:
+        stack_names(tmp_path / "templates")
+    assert (info.value.op, info.value.path, info.value.errno) == (
+        "read template dir",
+        str(tmp_path / "templates"),
+        errno.ENOTDIR,
+    )
+    assert stack_names(tmp_path / "missing") == []
+
+
+def test_symlink_loop_as_template_is_no_stack(env: Env) -> None:
+    """A template that is a symlink loop is simply not a stack (not an error), beside a good one."""
+    env.template("good", b"x")
+    (env.template_dir / "loop").mkdir()
+    (env.template_dir / "loop" / "rootfs.ext4").symlink_to(env.template_dir / "loop" / "rootfs.ext4")
+    with open_template(env.template_dir, "loop") as template:
+        assert template is None
+    with open_template(env.template_dir, "good") as template:
+        assert template is not None and template.name == "good"
+        assert template.path == env.template_dir / "good" / "rootfs.ext4"
+
+
+def test_template_leading_to_the_template_dir_itself_is_not_followed(env: Env) -> None:
+    """A template path resolving to the template dir's own name (or a sibling sharing its prefix) is refused."""
+    sibling = env.root / "templates-other"
+    sibling.mkdir()
+    (sibling / "rootfs.ext4").write_bytes(b"outside")
+    (env.template_dir / "sneaky").mkdir()
+    (env.template_dir / "sneaky" / "rootfs.ext4").symlink_to(sibling / "rootfs.ext4")
+    with open_template(env.template_dir, "sneaky") as template:
+        assert template is None
+    (sibling / "rootfs.ext4").unlink()
+    sibling.rmdir()
+
+
+def test_a_held_template_notices_changes(env: Env) -> None:
+    """check_unchanged passes while the template is as opened and raises TemplateChanged once its stat moved
+    (a chmod moves its ctime; a writer would also meet the read lease)."""
+    path = env.template("base", b"12345")
+    with open_template(env.template_dir, "base") as template:
+        assert template is not None
+        template.check_unchanged()
+        path.chmod(0o600)
+        with pytest.raises(TemplateChanged) as info:
+            template.check_unchanged()
+    assert info.value.path == str(path)
+    assert info.value.detail == "size 5 -> 5, stat changed"
+
+
+def test_a_template_that_cannot_be_opened_is_a_filesystem_error(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A template that exists but cannot be opened (EIO here) is FilesystemError("open template"), not "no stack"."""
+    path = env.template("base", b"x")
+    real_open = os.open
+
+    def failing_open(file: object, flags: int, *args: object, **kw: object) -> int:
+        if str(file).endswith("rootfs.ext4") and str(file).startswith(str(env.template_dir)):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_open(file, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", failing_open)
+    with pytest.raises(FilesystemError) as info, open_template(env.template_dir, "base"):
+        pass
+    assert (info.value.op, info.value.path, info.value.errno) == ("open template", str(path), errno.EIO)
+    assert info.value.transient
+
+
+@pytest.mark.parametrize("dir_name", ["stacks ", "stacksX", "stacks/"])
+def test_any_template_dir_name_finds_its_stacks(tmp_path: Path, dir_name: str) -> None:
+    """A template dir whose name ends in a space or any letter (or is given with a trailing slash) finds its stacks."""
+    template_dir = tmp_path / dir_name.rstrip("/")
+    write_template(template_dir, "base", b"x")
+    given = Path(str(tmp_path / dir_name))
+    with open_template(given, "base") as template:
+        assert template is not None
+    assert stack_names(given) == ["base"]
+
+
+def test_a_template_leading_outside_is_logged(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """A template symlinked out of the template dir is ignored with a warning naming both ends."""
+    outside = env.root / "outside" / "disk.img"
+    outside.parent.mkdir()
+    outside.write_bytes(b"host")
+    (env.template_dir / "evil").mkdir()
+    link = env.template_dir / "evil" / "rootfs.ext4"
+    link.symlink_to(outside)
+    with open_template(env.template_dir, "evil") as template:
+        assert template is None
+    assert caplog.messages == [f"template {link} resolves outside {env.template_dir} ({outside}); ignored"]
+
+
+def test_a_template_that_cannot_be_resolved_is_a_filesystem_error(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resolving a template failing for a real reason (EIO) is FilesystemError("stat template") naming it."""
+    path = env.template("base", b"x")
+
+    def broken(*args: object, **kw: object) -> str:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os.path, "realpath", broken)
+    with pytest.raises(FilesystemError) as info, open_template(env.template_dir, "base"):
+        pass
+    assert (info.value.op, info.value.path, info.value.errno) == ("stat template", str(path), errno.EIO)
