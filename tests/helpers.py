@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -52,10 +52,9 @@ def wait_until(predicate: Callable[[], object], *, what: str, timeout: float = 6
 
 
 @contextmanager
-def xfs_reflink_mount(tmp_path: Path, *, size_mib: int = 300) -> Iterator[Path]:
-    """worker.dev.mounts.xfs_reflink, skipping the test (with the reason) where the machine cannot mount."""
+def _or_skip(cm: AbstractContextManager[Path]) -> Iterator[Path]:
+    """Enter a worker.dev.mounts context, skipping the test (with the reason) where the machine cannot mount."""
     try:
-        cm = mounts.xfs_reflink(tmp_path, size=size_mib << 20)
         mountpoint = cm.__enter__()
     except mounts.MountUnavailable as exc:
         pytest.skip(str(exc))
@@ -65,18 +64,14 @@ def xfs_reflink_mount(tmp_path: Path, *, size_mib: int = 300) -> Iterator[Path]:
         cm.__exit__(None, None, None)
 
 
-@contextmanager
-def tmpfs_mount(tmp_path: Path, *, size_mib: int) -> Iterator[Path]:
-    """worker.dev.mounts.tmpfs, skipping the test (with the reason) where the machine cannot mount."""
-    try:
-        cm = mounts.tmpfs(tmp_path, size=size_mib << 20)
-        mountpoint = cm.__enter__()
-    except mounts.MountUnavailable as exc:
-        pytest.skip(str(exc))
-    try:
-        yield mountpoint
-    finally:
-        cm.__exit__(None, None, None)
+def xfs_reflink_mount(tmp_path: Path, *, size_mib: int = 300) -> AbstractContextManager[Path]:
+    """A fresh XFS with reflink=1 under tmp_path (worker.dev.mounts.xfs_reflink), or a skip."""
+    return _or_skip(mounts.xfs_reflink(tmp_path, size=size_mib << 20))
+
+
+def tmpfs_mount(tmp_path: Path, *, size_mib: int) -> AbstractContextManager[Path]:
+    """A tmpfs of size_mib under tmp_path (worker.dev.mounts.tmpfs), or a skip."""
+    return _or_skip(mounts.tmpfs(tmp_path, size=size_mib << 20))
 
 
 #: A child that holds a file the way a VM process would, says "ready", then waits to be killed.
