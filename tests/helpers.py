@@ -109,3 +109,14 @@ def hold_open(path: Path, how: str) -> Iterator[subprocess.Popen[str]]:
         child.wait()
         if child.stdout is not None:
             child.stdout.close()
+
+
+def evict(path: Path) -> None:
+    """Drop the file's pages from the page cache (written back first), so that the next hash must read
+    them: a template in the page cache is hashed through a mapping, without a read to fail or to count."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

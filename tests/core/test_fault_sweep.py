@@ -87,6 +87,7 @@ def fixed_up(scene: Scene) -> None:
 #: One entry per operation: the call (tests.sweep.zygote.CALLS), its starting state, what success leaves.
 OPERATIONS = {
     "clone-cold": Operation("clone-cold", "clone", clone_args, empty, has_clone, strategy="threaded"),
+    "clone-cold-mapped": Operation("clone-cold-mapped", "clone", clone_args, empty, has_clone, strategy="mapped"),
     "clone-warm": Operation("clone-warm", "clone", clone_args, warm_cache, has_clone),
     "release": Operation("release", "release", clone_args, cloned, vm_gone),
     "warm": Operation("warm", "warm", lambda s: {}, empty, hash_cached, strategy="serial"),

@@ -1,18 +1,24 @@
 from __future__ import annotations
 
 import errno
+import fcntl
+import functools
 import hashlib
+import mmap
 import os
+import sys
 import threading
 from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from worker.core import hashing
+from tests.helpers import evict, wait_until
+from worker.core import hashing, lease, pagecache
 from worker.core.hashing import hash_fd, hash_file
-from worker.errors import FilesystemError, TemplateChanged
+from worker.errors import FilesystemError, TemplateBusy, TemplateChanged
 
 MiB = 1 << 20
 BUF = hashing._BUF_SIZE
@@ -20,11 +26,20 @@ RING = hashing._BUF_SIZE * hashing._BUF_COUNT
 EVERY = hashing._PROGRESS_EVERY
 
 
-@pytest.fixture(autouse=True, params=["serial", "threaded"])
+@pytest.fixture(autouse=True, params=["serial", "threaded", "mapped"])
 def strategy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test here runs under both hashing strategies (hashing.default_strategy picks one per machine)."""
+    """Every test here runs under each hashing strategy (hashing.default_strategy picks one per file and
+    machine). Mapping needs a guard (the caller's read lease): under "mapped", hash_file takes a real lease
+    and hash_fd gets a guard that never fires, so the tests that change the file under it still can."""
     chosen: str = request.param
-    monkeypatch.setattr(hashing, "default_strategy", lambda: chosen)
+    monkeypatch.setattr(hashing, "default_strategy", lambda **_: chosen)
+    if chosen == "mapped":
+        # A lease that is always granted and never breaks: a real one would make the tests' own truncations
+        # wait for it to break (the lease's behaviour is tested below and in test_templates).
+        monkeypatch.setattr(hashing, "lease", SimpleNamespace(take=lambda fd, path: True, check=lambda fd, path: None))
+        module = sys.modules[__name__]
+        monkeypatch.setattr(module, "hash_file", functools.partial(hashing.hash_file, leased=True))
+        monkeypatch.setattr(module, "hash_fd", functools.partial(hashing.hash_fd, guard=lambda: None))
     return chosen
 
 
@@ -192,6 +207,7 @@ def test_read_error_becomes_transient_filesystem_error(tmp_path: Path, monkeypat
     """An OSError while reading (EIO here) surfaces as FilesystemError(op="read") naming the path."""
     path = tmp_path / "e.ext4"
     path.write_bytes(os.urandom(3 * RING))  # data, not holes: holes are never read
+    evict(path)  # not in the page cache: mapped or not, it is read (a mapping would turn EIO into SIGBUS)
     real_preadv = os.preadv
     calls = 0
 
@@ -254,6 +270,7 @@ def test_holes_are_not_read(tmp_path: Path) -> None:
     with sparse.open("rb") as src, dense.open("wb") as dst:
         while chunk := src.read(8 * MiB):
             dst.write(chunk)
+    evict(dense)  # else the mapped strategy hashes it in place, without a read
     before = bytes_read_by_this_process()
     assert hash_file(dense) == digest
     assert bytes_read_by_this_process() - before >= 256 * MiB
@@ -274,11 +291,12 @@ def test_without_seek_data_everything_is_read_and_hashes_the_same(
                 raise OSError(errno.EINVAL, "Invalid argument")
             return real_lseek(fd, offset, whence)
 
-        monkeypatch.setattr(os, "lseek", lseek)
-        before = bytes_read_by_this_process()
-        assert hash_file(path) == expected
-        assert bytes_read_by_this_process() - before >= 9 * MiB - MiB  # all but what precedes the first data
-        monkeypatch.undo()
+        evict(path)  # else the mapped strategy hashes it in place, without a read
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "lseek", lseek)
+            before = bytes_read_by_this_process()
+            assert hash_file(path) == expected
+            assert bytes_read_by_this_process() - before >= 9 * MiB - MiB  # all but what precedes the first data
 
 
 def test_progress_is_reported_every_64_mib(tmp_path: Path) -> None:
@@ -306,6 +324,7 @@ def test_change_while_hashing_says_what_changed(tmp_path: Path) -> None:
     """The TemplateChanged detail says how the file changed: cut short (at which byte), resized, or rewritten."""
     path = tmp_path / "t.ext4"
     path.write_bytes(os.urandom(8 * MiB))
+    evict(path)  # read, not hashed in place: the truncation comes with the first read
     real_preadv = os.preadv
     cut: list[bool] = []
 
@@ -371,6 +390,7 @@ def test_unexpected_reader_error_reaches_the_caller_as_is(tmp_path: Path, monkey
     """A non-OSError inside the reader (a bug) is raised to the caller unchanged, and no reader is left behind."""
     path = tmp_path / "d"
     path.write_bytes(os.urandom(2 * BUF))
+    evict(path)
 
     def broken(*args: object) -> int:
         raise ZeroDivisionError("reader bug")
@@ -393,3 +413,118 @@ def test_short_reads_are_continued(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(os, "preadv", at_most_1000)
     assert hash_file(path) == hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------------------------ the mapped strategy
+
+
+def test_resident_windows_are_hashed_in_place_and_the_others_read(tmp_path: Path, strategy: str) -> None:
+    """Under a lease, a file in the page cache is hashed without reading it; evicted, it is read, same digest."""
+    path = tmp_path / "dense.ext4"
+    data = os.urandom(48 * MiB)
+    path.write_bytes(data)
+    hash_file(path)  # whatever the strategy: now every page is in the page cache
+    before = bytes_read_by_this_process()
+    assert hashing.hash_file(path, leased=True) == hashlib.sha256(data).hexdigest()
+    resident_reads = bytes_read_by_this_process() - before
+    evict(path)
+    before = bytes_read_by_this_process()
+    assert hashing.hash_file(path, leased=True) == hashlib.sha256(data).hexdigest()
+    evicted_reads = bytes_read_by_this_process() - before
+    if strategy == "mapped":
+        assert resident_reads < MiB, f"read {resident_reads} bytes of a file wholly in the page cache"
+    else:  # the strategy was forced: every byte is read
+        assert resident_reads >= len(data)
+    # The first window at least is read; readahead may bring the next into the page cache, which may then be
+    # mapped (a resident page needs no disk read, so it cannot fail with SIGBUS).
+    assert evicted_reads >= hashing._WINDOW, "an evicted file was mapped (a disk error there would be SIGBUS)"
+
+
+def test_unleased_file_is_never_mapped(tmp_path: Path) -> None:
+    """Without a lease (no guard), even the mapped strategy reads every byte: nothing stops a truncation."""
+    path = tmp_path / "dense.ext4"
+    path.write_bytes(os.urandom(16 * MiB))
+    hashing.hash_file(path)
+    before = bytes_read_by_this_process()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        hashing.hash_fd(fd, path=str(path), strategy="mapped")
+    finally:
+        os.close(fd)
+    assert bytes_read_by_this_process() - before >= 16 * MiB
+
+
+def test_a_writer_waits_for_one_window_not_the_whole_hash(tmp_path: Path) -> None:
+    """A process that opens a leased file for writing mid-hash stops the hash (transient TemplateBusy) at the
+    next window, and its open() returns as soon as the hash lets go, long before the hash would have ended."""
+    size = 8 * EVERY  # ~0.5 GiB of holes: far more windows than the one the writer waits for
+    path = sparse_file(tmp_path / "busy.ext4", size, {0: b"x"})
+    fd = os.open(path, os.O_RDONLY)
+    opened = threading.Event()
+
+    def write() -> None:
+        os.close(os.open(path, os.O_WRONLY))
+        opened.set()
+
+    writer = threading.Thread(target=write, daemon=True)
+    reports: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        reports.append(done)
+        if len(reports) == 1:
+            writer.start()  # blocks in open() until our lease is gone
+            wait_until(lambda: fcntl.fcntl(fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK, what="the lease to start breaking")
+
+    try:
+        assert lease.take(fd, str(path))
+        with pytest.raises(TemplateBusy) as info:
+            hash_fd(fd, path=str(path), progress=progress, guard=functools.partial(lease.check, fd, str(path)))
+        assert not opened.is_set(), "the writer got in while we still held the lease"
+    finally:
+        os.close(fd)
+    writer.join(timeout=10)
+    assert opened.is_set()
+    assert info.value.transient
+    assert len(reports) == 1, f"hashed on after the writer came: {reports}"
+
+
+def test_when_residency_is_unknown_or_mapping_fails_the_file_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No cachestat (an older kernel) or a failing mmap: the window is read instead, with the same digest."""
+    path = tmp_path / "dense.ext4"
+    data = os.urandom(8 * MiB)
+    path.write_bytes(data)
+    for broken in ("cachestat", "mmap"):
+        with monkeypatch.context() as patched:
+            if broken == "cachestat":
+                patched.setattr(pagecache, "_syscall", lambda: lambda *args: -1)
+            else:
+
+                def no_mmap(*args: object, **kwargs: object) -> None:
+                    raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+                patched.setattr(mmap, "mmap", no_mmap)
+            before = bytes_read_by_this_process()
+            assert hashing.hash_file(path, leased=True) == hashlib.sha256(data).hexdigest()
+            assert bytes_read_by_this_process() - before >= len(data), f"with {broken} broken the file was not read"
+
+
+def test_residency_follows_the_page_cache(tmp_path: Path) -> None:
+    """A file just read is resident, the same file evicted is not, and an empty range never is."""
+    path = tmp_path / "dense.ext4"
+    path.write_bytes(os.urandom(4 * MiB))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(fd, 4 * MiB, 0)
+        assert pagecache.resident(fd, 0, 4 * MiB)
+        assert pagecache.resident(fd, 4096 + 17, MiB)
+        evict(path)
+        assert not pagecache.resident(fd, 0, 4 * MiB)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead: read exactly the first MiB
+        os.pread(fd, MiB, 0)
+        assert pagecache.resident(fd, 0, MiB)
+        assert not pagecache.resident(fd, 0, 2 * MiB), "half the range is on disk only"
+        assert not pagecache.resident(fd, 0, 0)
+    finally:
+        os.close(fd)

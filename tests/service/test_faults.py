@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import MIB, sha256_of, tmpfs_mount, wait_until, write_template
+from tests.helpers import MIB, evict, sha256_of, tmpfs_mount, wait_until, write_template
 from tests.workers import StartHost
 from worker import InsufficientSpace, RootfsConfig, RootfsRegistry
 from worker.celery import create_app
@@ -79,17 +79,6 @@ def assert_complete_clone(vm_dir: Path, result: dict[str, Any], digest: str) -> 
     assert sorted(os.listdir(vm_dir)) == CLONE_FILES
     assert (vm_dir / "rootfs.ext4.sha256").read_text() == digest
     assert sha256_of(vm_dir / "rootfs.ext4") == digest
-
-
-def evict_from_page_cache(path: Path) -> None:
-    """Flush the file and drop its pages from the page cache: the next reader reads the disk, as on a host that
-    has not touched the template lately."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -164,7 +153,7 @@ def test_worker_killed_mid_clone_job_is_redelivered_and_completes(
     # Warm the hash in the host's shared cache, so the job goes straight to copying.
     warmed = RootfsRegistry(RootfsConfig(big_template.template_dir, clones)).stack(big_template.stack)
     assert warmed is not None and warmed.sha256 == big_template.sha256
-    evict_from_page_cache(big_template.path)
+    evict(big_template.path)
     host = start_host(
         "killed", env=REDELIVERY_ENV, concurrency=1, template_dir=big_template.template_dir, clones_dir=clones
     )

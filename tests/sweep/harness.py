@@ -259,7 +259,11 @@ class Victim:
                 per_thread[(match.group(1), match.group(2))] += 1
         calls: dict[str, int] = {}
         for (_, name), count in per_thread.items():
-            calls[name] = max(calls.get(name, 0), count)
+            # strace prints a call newer than itself as syscall_0x1c3 (cachestat, for strace 6.1) and cannot
+            # inject it: such a call is left out (hashing.py's pagecache check has no side effect, and its
+            # failure, "not resident", is tested in tests/core/test_hashing.py).
+            if not name.startswith("syscall_"):
+                calls[name] = max(calls.get(name, 0), count)
         return dict(sorted(calls.items()))
 
 

@@ -53,7 +53,7 @@ def outcome(call: Callable[[], object]) -> dict[str, Any]:
 def child(command: dict[str, Any], shared: mmap.mmap) -> None:
     strategy = command.get("strategy")
     if strategy:
-        hashing.default_strategy = lambda: strategy
+        hashing.default_strategy = lambda **_: strategy
     registry = RootfsRegistry(RootfsConfig(Path(command["template_dir"]), Path(command["clones_dir"])))
     signal.sigwait({GO})
     result = outcome(lambda: CALLS[command["call"]](registry, command["args"]))

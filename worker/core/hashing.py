@@ -1,22 +1,30 @@
-"""SHA-256 of multi-GB template images at hashing speed, in constant memory, without mmap.
+"""SHA-256 of multi-GB template images at hashing speed, in constant memory.
 
-mmap would be simplest, but a template truncated while mapped turns the next page access into SIGBUS and
-kills the worker. So the bytes are copied out of the page cache with pread, which costs ~20% of a SHA-256
-with SHA-NI. Two strategies, the same digest and the same errors (default_strategy picks one by the cores
-this process may use; bench/hash_bench.py measures both against `openssl speed` in one run):
+Three strategies, the same digest and the same errors (default_strategy picks one; bench/hash_bench.py
+measures each against `openssl speed` in one run):
 
-- serial: one thread, pread into a small buffer, hash it, repeat. Wins where no core is free.
+- mapped: the bytes are hashed where they lie in the page cache, through a read-only mapping of one window
+  at a time: no copy, so a single thread hashes at SHA-256's own speed. A mapping is dangerous twice over:
+  a file truncated while mapped, or a page that fails to read from disk, turns the next access into SIGBUS,
+  which kills the worker. So it is used only under a read lease (worker.core.lease: no process can open the
+  file for writing, let alone truncate it, without first breaking the lease, which `guard` checks before
+  every window), and only for windows wholly in the page cache (worker.core.pagecache), which need no disk
+  read. Every other window is read as in `serial`.
+- serial: one thread, pread into a small buffer, hash it, repeat. The copy costs ~15-20% of a SHA-256
+  with SHA-NI.
 - threaded: a reader thread fills a ring of buffers while the calling thread hashes; preadv and large
   hashlib updates release the GIL, so the copy overlaps the hashing. Wins only given a spare core.
 
-Both skip holes (hashed from a zero buffer, never read) and raise TemplateChanged on a short read.
+All skip holes (hashed from a zero buffer, never read) and raise TemplateChanged on a short read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
+import mmap
 import os
 import stat
 import threading
@@ -24,6 +32,7 @@ from collections.abc import Callable
 from queue import SimpleQueue
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
+from worker.core import lease, pagecache
 from worker.errors import FilesystemError, TemplateChanged
 
 if TYPE_CHECKING:
@@ -31,6 +40,9 @@ if TYPE_CHECKING:
 
 #: Called with (bytes_done, bytes_total).
 ProgressFn = Callable[[int, int], None]
+#: Called before each window is hashed: raises (TemplateBusy) once a writer wants the file. Given only
+#: while the caller holds a read lease on it, which is what makes mapping it safe.
+GuardFn = Callable[[], None]
 
 # Measured on a 1 GiB file in the page cache (2-core EPYC with SHA-NI): 1 MiB buffers reach the hashing
 # ceiling (~2.1 GB/s); 128-256 KiB lose 6-10% to per-chunk overhead, 2-4 MiB gain nothing. Four of them
@@ -43,6 +55,10 @@ _BUF_COUNT = 4
 #: 0.90 / 0.57, 128 KiB 0.65 / 0.59, file_digest 0.99 / 0.70, the reader thread 0.85 / 0.58.
 _SERIAL_BUF_SIZE = 256 << 10
 _PROGRESS_EVERY = 64 << 20
+#: The mapped strategy's window, and how often every strategy calls the guard: 32 MiB is ~25 ms of hashing,
+#: so a writer waiting for our lease to break waits that long, not for the whole hash (a cold multi-GB
+#: template takes seconds); and the mmap, munmap and residency check per window are noise beside it.
+_WINDOW = 32 << 20
 
 
 class _Chunk(NamedTuple):
@@ -144,7 +160,7 @@ def _region_at(fd: int, offset: int, size: int) -> tuple[int, bool]:
     return max(min(hole, size), offset + 1), False
 
 
-Strategy = Literal["serial", "threaded"]
+Strategy = Literal["serial", "threaded", "mapped"]
 
 #: A reader thread pays off only with a core to spare for it: the copy out of the page cache (~20% of a
 #: SHA-256 with SHA-NI) then overlaps the hashing. With two cores or fewer the two threads compete with each
@@ -153,8 +169,11 @@ Strategy = Literal["serial", "threaded"]
 THREADED_MIN_CPUS = 3
 
 
-def default_strategy() -> Strategy:
-    """Threads where this process may run on at least THREADED_MIN_CPUS cores, else one thread."""
+def default_strategy(*, leased: bool = False) -> Strategy:
+    """Mapped for a leased file; else threads where this process may run on at least THREADED_MIN_CPUS
+    cores, else one thread."""
+    if leased:
+        return "mapped"
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -162,12 +181,21 @@ def default_strategy() -> Strategy:
     return "threaded" if cpus >= THREADED_MIN_CPUS else "serial"
 
 
-def hash_fd(fd: int, *, path: str, progress: ProgressFn | None = None, strategy: Strategy | None = None) -> str:
+def hash_fd(
+    fd: int,
+    *,
+    path: str,
+    progress: ProgressFn | None = None,
+    strategy: Strategy | None = None,
+    guard: GuardFn | None = None,
+) -> str:
     """Lowercase hex SHA-256 of the whole file behind `fd`, independent of (and not moving) its offset.
 
     Raises TemplateChanged when the file is truncated, grown or rewritten while it is read: such a hash
-    describes no version of the file. `path` only names the file in errors. `strategy` defaults to
-    default_strategy(); both give the same digest and the same errors.
+    describes no version of the file. `path` only names the file in errors. `guard` is given by a caller
+    that holds a read lease on the file (it raises once the lease breaks) and is called before every
+    window. `strategy` defaults to default_strategy(); all give the same digest and the same errors, and
+    without a guard "mapped" reads instead (a mapping is safe only under the lease).
     """
     try:
         st = os.fstat(fd)
@@ -186,9 +214,13 @@ def hash_fd(fd: int, *, path: str, progress: ProgressFn | None = None, strategy:
     except OSError as exc:
         raise FilesystemError.from_os(exc, op="read", path=path) from exc
     digest = hashlib.sha256()
-    run = _hash_threaded if (strategy or default_strategy()) == "threaded" else _hash_serial
+    chosen = strategy or default_strategy(leased=guard is not None)
+    check = _Guard(guard)
     try:
-        run(fd, size, digest, path, progress)
+        if chosen == "threaded":
+            _hash_threaded(fd, size, digest, path, progress, check)
+        else:
+            _hash_serial(fd, size, digest, path, progress, check, mapped=chosen == "mapped" and guard is not None)
     finally:
         with contextlib.suppress(OSError):
             os.lseek(fd, saved_offset, os.SEEK_SET)
@@ -218,37 +250,74 @@ class _Progress:
             self._next = done + _PROGRESS_EVERY
 
 
-def _hash_serial(fd: int, size: int, digest: Hash, path: str, progress: ProgressFn | None) -> None:
-    """pread into one buffer, hash it, repeat; holes hashed from memory. The simplest loop, and the fastest
-    where no core is free for a reader thread."""
+class _Guard:
+    """Calls the caller's guard once per _WINDOW bytes hashed (holes included), and never without one."""
+
+    def __init__(self, guard: GuardFn | None) -> None:
+        self._guard = guard
+        self._next = 0
+
+    def __call__(self, done: int) -> None:
+        if self._guard is not None and done >= self._next:
+            self._guard()
+            self._next = done + _WINDOW
+
+
+def _hash_serial(
+    fd: int, size: int, digest: Hash, path: str, progress: ProgressFn | None, guard: _Guard, *, mapped: bool
+) -> None:
+    """Window by window: holes hashed from memory, data hashed through a mapping where `mapped` allows it
+    and the window is in the page cache, else read into one buffer and hashed, piece by piece. The plain
+    read loop is the fastest where no mapping may be used and no core is free for a reader thread."""
     view = memoryview(bytearray(_SERIAL_BUF_SIZE))
     report = _Progress(progress, size)
     offset = 0
     region_end, in_hole = 0, False
     while offset < size:
+        guard(offset)
         if offset >= region_end:
             region_end, in_hole = _region_at(fd, offset, size)
+        end = min(region_end, offset - offset % _WINDOW + _WINDOW)
         if in_hole:
-            end = region_end
             while offset < end:
                 n = min(_BUF_SIZE, end - offset)
                 digest.update(_ZEROS[:n])
                 offset += n
                 report(offset)
             continue
-        want = min(len(view), region_end - offset)
-        try:
-            got = os.preadv(fd, [view[:want]], offset)
-        except OSError as exc:
-            raise FilesystemError.from_os(exc, op="read", path=path) from exc
-        if got == 0:
-            raise TemplateChanged(path, f"file ended at byte {offset} of {size}")
-        digest.update(view[:got])
-        offset += got
-        report(offset)
+        if mapped and _hash_mapped(fd, offset, end, digest):
+            offset = end
+            report(offset)
+            continue
+        while offset < end:
+            want = min(len(view), end - offset)
+            try:
+                got = os.preadv(fd, [view[:want]], offset)
+            except OSError as exc:
+                raise FilesystemError.from_os(exc, op="read", path=path) from exc
+            if got == 0:
+                raise TemplateChanged(path, f"file ended at byte {offset} of {size}")
+            digest.update(view[:got])
+            offset += got
+            report(offset)
 
 
-def _hash_threaded(fd: int, size: int, digest: Hash, path: str, progress: ProgressFn | None) -> None:
+def _hash_mapped(fd: int, start: int, end: int, digest: Hash) -> bool:
+    """Hash bytes [start, end) through a mapping if they are all in the page cache; False (nothing hashed)
+    if they are not, or the mapping fails: the caller reads them instead, which raises what a read raises."""
+    if not pagecache.resident(fd, start, end - start):
+        return False
+    base = start - start % mmap.ALLOCATIONGRANULARITY
+    try:
+        mapping = mmap.mmap(fd, end - base, prot=mmap.PROT_READ, offset=base)
+    except (OSError, ValueError):  # ValueError: the file is now shorter than the window
+        return False
+    with mapping, memoryview(mapping) as whole, whole[start - base :] as window:
+        digest.update(window)
+    return True
+
+
+def _hash_threaded(fd: int, size: int, digest: Hash, path: str, progress: ProgressFn | None, guard: _Guard) -> None:
     """A reader thread fills a ring of buffers while this thread hashes: reads overlap hashing, given a
     free core."""
     views = [memoryview(bytearray(_BUF_SIZE)) for _ in range(_BUF_COUNT)]
@@ -265,6 +334,7 @@ def _hash_threaded(fd: int, size: int, digest: Hash, path: str, progress: Progre
     reader.start()
     try:
         while (message := filled.get()) is not None:
+            guard(done)
             if isinstance(message, _Failed):
                 if isinstance(message.error, OSError):
                     raise FilesystemError.from_os(message.error, op="read", path=path) from message.error
@@ -288,15 +358,18 @@ def _hash_threaded(fd: int, size: int, digest: Hash, path: str, progress: Progre
         reader.join()
 
 
-def hash_file(path: str | os.PathLike[str], *, progress: ProgressFn | None = None) -> str:
-    """hash_fd on a fresh read-only descriptor; see hash_fd for the guarantees."""
+def hash_file(path: str | os.PathLike[str], *, progress: ProgressFn | None = None, leased: bool = False) -> str:
+    """hash_fd on a fresh read-only descriptor; see hash_fd for the guarantees. `leased`: hash it the way
+    templates are hashed, under a read lease where the kernel grants one (TemplateBusy while some process
+    has it open for writing), which lets the page-cache-resident windows be hashed through a mapping."""
     name = os.fspath(path)
     try:
         fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise FilesystemError.from_os(exc, op="open for hashing", path=name) from exc
     try:
-        return hash_fd(fd, path=name, progress=progress)
+        guard = functools.partial(lease.check, fd, name) if leased and lease.take(fd, name) else None
+        return hash_fd(fd, path=name, progress=progress, guard=guard)
     finally:
         with contextlib.suppress(OSError):
             os.close(fd)

@@ -165,7 +165,8 @@ class RootfsRegistry:
 
     @staticmethod
     def hash_file(path: str | os.PathLike[str]) -> str:
-        return hashing.hash_file(path)
+        """SHA-256 of a file, read the way templates are (under a read lease where granted)."""
+        return hashing.hash_file(path, leased=True)
 
     def _scan(self, progress: HashProgress | None) -> Iterator[tuple[StackInfo, bool]]:
         for name in stack_names(self._config.template_dir):
@@ -181,7 +182,8 @@ class RootfsRegistry:
             nonlocal spent
             started = time.monotonic()
             report = None if progress is None else (lambda done, total: progress(template.name, done, total))
-            digest = hashing.hash_fd(template.fd, path=str(template.path), progress=report)
+            guard = template.guard if template.leased else None
+            digest = hashing.hash_fd(template.fd, path=str(template.path), progress=report, guard=guard)
             template.check_unchanged()
             spent = time.monotonic() - started
             return digest

@@ -39,6 +39,11 @@ class Template:
         self.key = FileKey.of(st)
         self.leased = lease.take(fd, str(path))
 
+    def guard(self) -> None:
+        """Raise TemplateBusy once a writer wants the file; what the hasher calls between windows (only for
+        a leased template: without the lease nothing stops a truncation, so nothing may map it)."""
+        lease.check(self.fd, str(self.path))
+
     def check_unchanged(self) -> None:
         """Raise (transient) unless what was read since opening is one version of the file, written by no one."""
         if self.leased:
