@@ -22,6 +22,7 @@ from worker.client import RootfsClient
 from worker.core import locks
 from worker.core.layout import LOCKS_DIR
 from worker.dev.processes import free_port
+from worker.service import jobs, metrics, runtime
 from worker.service.jobs import FIELDS, logfmt
 from worker.service.metrics import HostCollector, JobMetrics, sweep_dead
 from worker.service.settings import Settings
@@ -248,3 +249,41 @@ def test_jobs_in_progress_come_from_the_main_process_state(tmp_path: Path) -> No
     (family,) = [f for f in collector.collect() if f.name == "rootfs_jobs_in_progress"]
     got = {s.labels["task"]: s.value for s in family.samples}
     assert (got["clone_for_vm"], got["warm_hashes"], got["release_vm"]) == (2, 1, 0)
+
+
+def test_an_attempts_metrics_are_recorded_after_it_returns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """observe() returns before recording (the caller does not wait for metrics); flush() records exactly
+    once, a failing recorder is logged and never raised, and the next attempt flushes what was left."""
+    tdir, cdir = tmp_path / "t", tmp_path / "c"
+    (tdir / "base").mkdir(parents=True)
+    (tdir / "base" / "rootfs.ext4").write_bytes(os.urandom(4096))
+    registry = RootfsRegistry(RootfsConfig(tdir, cdir))
+    monkeypatch.setattr(runtime, "registry", lambda: registry)
+    collector = CollectorRegistry()
+    recorder = JobMetrics("h1", collector)
+    monkeypatch.setattr(metrics, "for_this_process", lambda: recorder)
+
+    def clones() -> float:
+        value = collector.get_sample_value(
+            "rootfs_clone_duration_seconds_count", {"host": "h1", "method": "copy", "outcome": "ok"}
+        )
+        return value or 0.0
+
+    def clone(vm_id: str) -> object:
+        return jobs.observe(
+            lambda: registry.clone_for_vm(vm_id, "base"),
+            task="rootfs.clone_for_vm", host="h1", task_id="t", attempt=0, vm_id=vm_id, stack="base",
+        )  # fmt: skip
+
+    clone("vm-1")
+    assert clones() == 0, "recorded before the attempt returned its value"
+    jobs.flush()
+    assert clones() == 1
+    jobs.flush()
+    assert clones() == 1, "recorded twice"
+    clone("vm-2")
+    clone("vm-3")  # flushes vm-2's recording first
+    assert clones() == 2
+    monkeypatch.setattr(recorder, "clone", lambda *a, **k: 1 / 0)
+    jobs.flush()  # vm-3's recording fails: logged, not raised
+    assert clones() == 2

@@ -14,6 +14,7 @@ from celery import Task
 from celery.exceptions import InvalidTaskError
 from celery.worker.request import Request
 
+from worker.service import jobs
 from worker.service.refusals import store_refusal
 
 log = logging.getLogger(__name__)
@@ -42,3 +43,7 @@ class SafeRequest(Request):  # type: ignore[misc]
 
 class RootfsTask(Task):  # type: ignore[misc]
     Request = "worker.service.request:SafeRequest"
+
+    def after_return(self, *args: Any, **kwargs: Any) -> None:
+        """The result is stored: now record the attempt's metrics (worker.service.jobs), off the caller's path."""
+        jobs.flush()
