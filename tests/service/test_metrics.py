@@ -220,6 +220,10 @@ def test_host_collector_counts_clones_and_warm_templates(tmp_path: Path) -> None
     assert got["rootfs_clones"] == 1 and got["rootfs_clones_allocated_bytes"] >= 64 * 1024
     assert got["rootfs_templates"] == 2 and got["rootfs_templates_warm"] == 1
     assert got["rootfs_clones_fs_size_bytes"] > got["rootfs_clones_fs_free_bytes"] > 0
+    assert got["rootfs_clones_fs_reserve_bytes"] == int(got["rootfs_clones_fs_size_bytes"] * 5 / 100)  # default 5%
+    env["ROOTFS_MIN_FREE"] = "3G"
+    reserve = {f.name: f.samples[0].value for f in HostCollector(Settings.from_env(env), tmp_path).collect()}
+    assert reserve["rootfs_clones_fs_reserve_bytes"] == 3 << 30
     assert got["rootfs_worker_live"] == 0 and got["rootfs_worker_ready"] == 0
     registry.warm()
     assert {f.name: f.samples[0].value for f in collector.collect()}["rootfs_templates_warm"] == 2

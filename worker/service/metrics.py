@@ -274,7 +274,13 @@ class HostCollector:
                 "Bytes free for new clones on the clones filesystem (available to unprivileged users)",
                 st.f_bavail * st.f_frsize,
             )
-            yield gauge("rootfs_clones_fs_size_bytes", "Size of the clones filesystem", st.f_blocks * st.f_frsize)
+            size = st.f_blocks * st.f_frsize
+            yield gauge("rootfs_clones_fs_size_bytes", "Size of the clones filesystem", size)
+            yield gauge(
+                "rootfs_clones_fs_reserve_bytes",
+                "Free space a copy must leave (ROOTFS_MIN_FREE): below it, clones that copy are refused",
+                self._s.min_free.of(size),
+            )
         total, warm = self._templates()
         yield gauge("rootfs_templates", "Template stacks on this host", total)
         yield gauge("rootfs_templates_warm", "Template stacks whose current hash is in the cache", warm)
