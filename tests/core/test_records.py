@@ -110,6 +110,18 @@ def test_clone_whose_record_is_not_utf8_is_cloned_again_with_a_new_record(env: E
     assert json.loads(record.read_bytes())["vm_id"] == "vm-1"
 
 
+def test_reconcile_releases_a_clone_whose_record_is_not_utf8(env: Env) -> None:
+    """A reconcile sweep releases an old clone whose record is not UTF-8 (it used to abort the whole sweep)."""
+    env.template("base", b"B" * 1000)
+    vm_dir = env.registry.clone_for_vm("vm-1", "base").path.parent
+    (vm_dir / ".clone.json").write_bytes(b'{"vm_id": "\xff"}')
+    for old in (vm_dir / "rootfs.ext4.sha256", vm_dir):  # a day old, with no record to say otherwise
+        os.utime(old, (time.time() - 86400,) * 2)
+    report = env.registry.reconcile([], older_than=60, dry_run=False)
+    assert (report.released, report.failed) == (["vm-1"], {})
+    assert not vm_dir.exists()
+
+
 def test_record_that_is_a_symlink_reads_as_none_and_is_replaced_not_followed(vm_dir: VmDir, tmp_path: Path) -> None:
     """A .clone.json symlinked to a record elsewhere reads as none; writing ours replaces the link, and the file
     it pointed to is left as it was."""
