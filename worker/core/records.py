@@ -23,7 +23,7 @@ def read_record(dir_fd: int, vm_dir: Path) -> dict[str, Any] | None:
     """The VM directory's record, None when there is no usable one."""
     try:
         raw = fsops.read_text(dir_fd, CLONE_RECORD_FILE, vm_dir)
-    except RootfsError:
+    except (RootfsError, UnicodeDecodeError):  # unreadable, or damaged into bytes that are not UTF-8
         return None
     return parse_record(raw)
 
