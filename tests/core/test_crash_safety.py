@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -235,6 +236,83 @@ def test_failed_flush_raises_after_all_flushes_ended(
             durability.fsync_together([(fds[0], a), (fds[1], b)], op="flush", concurrent=concurrent)
         assert info.value.path == str(b) and info.value.transient
         assert sorted(done) == sorted(fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def open_files(tmp_path: Path, count: int) -> tuple[list[tuple[int, Path]], list[int]]:
+    """`count` new files under tmp_path, open for writing: as fsync_together's targets, and their fds."""
+    targets = [(os.open(tmp_path / f"f{i}", os.O_WRONLY | os.O_CREAT), tmp_path / f"f{i}") for i in range(count)]
+    return targets, [fd for fd, _ in targets]
+
+
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_concurrent_flushes_overlap_on_fsync_helper_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, concurrent: bool
+) -> None:
+    """With `concurrent`, a pair's flushes run at the same time, the second on a thread named fsync_N (as
+    logs and thread dumps show it); without, both run in order on the caller's thread."""
+    targets, fds = open_files(tmp_path, 2)
+    meet = threading.Barrier(2, timeout=5)  # passed only by two flushes that are under way together
+    seen: list[tuple[int, str]] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        seen.append((fd, threading.current_thread().name))
+        if concurrent:
+            meet.wait()
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    me = threading.current_thread().name
+    try:
+        durability.fsync_together(targets, op="flush", concurrent=concurrent)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if not concurrent:
+        assert seen == [(fds[0], me), (fds[1], me)]
+    else:
+        assert sorted(fd for fd, _ in seen) == fds
+        assert dict(seen)[fds[0]] == me
+        assert re.fullmatch(r"fsync_\d+", dict(seen)[fds[1]]), seen
+
+
+def test_a_process_flushes_on_at_most_three_helpers_it_keeps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five files flushed at once use the caller and three helper threads, never more; the next group
+    reuses those threads, and a new process (a forked Celery child) starts its own."""
+    targets, fds = open_files(tmp_path, 5)
+    me = threading.current_thread()
+    started = threading.Event()
+    used: dict[int, threading.Thread] = {}
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if threading.current_thread() is me:
+            started.set()  # every helper's flush was submitted before the caller's own: none has finished
+        else:
+            started.wait(5)
+        used[fd] = threading.current_thread()
+        real(fd)
+
+    def group() -> set[threading.Thread]:
+        used.clear()
+        started.clear()
+        durability.fsync_together(targets, op="flush", concurrent=True)
+        assert sorted(used) == sorted(fds) and used[fds[0]] is me
+        return {thread for fd, thread in used.items() if fd != fds[0]}
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    try:
+        parents = group()
+        pid = os.getpid()
+        monkeypatch.setattr(os, "getpid", lambda: pid + 1)  # as seen from a forked child
+        first = group()
+        assert len(first) == 3 and not first & parents
+        assert all(re.fullmatch(r"fsync_\d+", thread.name) for thread in first)
+        again = group()
+        assert again <= first
     finally:
         for fd in fds:
             os.close(fd)
