@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -195,3 +197,124 @@ def test_a_fifo_planted_as_a_small_file_reads_as_empty_without_hanging(vm_dir: t
     path, fd = vm_dir
     os.mkfifo(path / "stamp")
     assert fsops.read_text(fd, "stamp", path) == ""
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _failing(code: int) -> Any:
+    def fail(*_: object, **__: object) -> Any:
+        raise OSError(code, os.strerror(code))
+
+    return fail
+
+
+def test_open_dir_opens_a_directory_and_names_what_it_refuses(tmp_path: Path) -> None:
+    """A real directory opens; a symlink to one or a missing path is a FilesystemError with the caller's op."""
+    real = tmp_path / "clones"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    fd = fsops.open_dir(real, op="flush clones dir")
+    try:
+        assert stat.S_ISDIR(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+    for name, code in (("link", errno.ENOTDIR), ("missing", errno.ENOENT)):
+        with pytest.raises(FilesystemError) as info:
+            fsops.open_dir(tmp_path / name, op="flush clones dir")
+        assert (info.value.op, info.value.path, info.value.errno) == ("flush clones dir", str(tmp_path / name), code)
+
+
+def test_fsync_dir_flushes_a_directory_and_names_its_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flushing a directory works; one that cannot be opened or flushed is a "flush dir" FilesystemError naming it."""
+    real = tmp_path / "clones"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    fsops.fsync_dir(real)
+    with pytest.raises(FilesystemError) as info:
+        fsops.fsync_dir(tmp_path / "link")
+    assert (info.value.op, info.value.path, info.value.errno) == ("flush dir", str(tmp_path / "link"), errno.ENOTDIR)
+    before = _open_fds()
+    monkeypatch.setattr(os, "fsync", _failing(errno.EIO))
+    with pytest.raises(FilesystemError) as info:
+        fsops.fsync_dir(real)
+    assert (info.value.op, info.value.path, info.value.errno) == ("flush dir", str(real), errno.EIO)
+    assert _open_fds() == before
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_write_atomic_flushes_only_when_durable_which_is_the_default(
+    vm_dir: tuple[Path, int], monkeypatch: pytest.MonkeyPatch, durable: bool
+) -> None:
+    """By default (and with durable=True) a failing flush is a "write" FilesystemError naming the file, which keeps
+    its old bytes; with durable=False no flush is asked for, so the write lands."""
+    path, fd = vm_dir
+    (path / "stamp").write_bytes(b"old")
+    monkeypatch.setattr(os, "fsync", _failing(errno.EIO))
+    if durable:
+        for kwargs in ({}, {"durable": True}):
+            with pytest.raises(FilesystemError) as info:
+                fsops.write_atomic(fd, "stamp", b"new", path, **kwargs)
+            assert (info.value.op, info.value.path, info.value.errno) == ("write", str(path / "stamp"), errno.EIO)
+            assert (path / "stamp").read_bytes() == b"old"
+    else:
+        fsops.write_atomic(fd, "stamp", b"new", path, durable=False)
+        assert (path / "stamp").read_bytes() == b"new"
+
+
+def test_a_failing_write_is_named_and_leaks_no_descriptor(
+    vm_dir: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write the disk refuses (ENOSPC) is a "write" FilesystemError naming the file, and closes what it opened."""
+    path, fd = vm_dir
+    before = _open_fds()
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "write", _failing(errno.ENOSPC))
+        with pytest.raises(FilesystemError) as info:
+            fsops.write_partial(fd, "stamp", b"digest", path)
+    assert (info.value.op, info.value.path, info.value.errno) == ("write", str(path / "stamp"), errno.ENOSPC)
+    assert _open_fds() == before
+    written = fsops.write_partial(fd, "stamp", b"digest", path)
+    try:
+        assert (path / "stamp.partial").read_bytes() == b"digest"
+    finally:
+        os.close(written)
+
+
+def test_read_small_file_returns_up_to_the_limit_and_nothing_odd(vm_dir: tuple[Path, int], tmp_path: Path) -> None:
+    """A regular file of at most `limit` bytes reads whole; one byte more, a FIFO, a directory, a symlink (even
+    to a small file) or a missing name read as None."""
+    path, fd = vm_dir
+    (path / "exact").write_bytes(b"x" * 16)
+    (path / "over").write_bytes(b"x" * 17)
+    (path / "dir").mkdir()
+    os.mkfifo(path / "fifo")
+    (tmp_path / "small").write_bytes(b"tiny")
+    (path / "link").symlink_to(tmp_path / "small")
+    assert fsops.read_small_file(fd, "exact", limit=16) == b"x" * 16
+    assert fsops.read_small_file(fd, "over", limit=17) == b"x" * 17
+    for name in ("over", "dir", "fifo", "link", "missing"):
+        assert fsops.read_small_file(fd, name, limit=16) is None, name
+
+
+def test_read_small_file_refuses_a_file_bigger_than_its_reported_size() -> None:
+    """A file that reports size 0 but holds more than `limit` bytes (as /proc files do) reads as None."""
+    proc = os.open(f"/proc/{os.getpid()}", fsops.OPEN_DIR)
+    try:
+        assert os.stat("status", dir_fd=proc).st_size == 0
+        assert fsops.read_small_file(proc, "status", limit=16) is None
+        status = fsops.read_small_file(proc, "status", limit=65536)
+        assert status is not None and status.startswith(b"Name:")
+    finally:
+        os.close(proc)
+
+
+def test_closing_a_descriptor_never_raises(tmp_path: Path) -> None:
+    """close() releases the descriptor, and a failing close (here EBADF, already closed) is not an error."""
+    fd = os.open(tmp_path, fsops.OPEN_DIR)
+    fsops.close(fd)
+    with pytest.raises(OSError) as info:
+        os.fstat(fd)
+    assert info.value.errno == errno.EBADF
+    fsops.close(fd)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import multiprocessing
 import os
+import shutil
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +21,20 @@ from typing import Any
 import pytest
 
 from tests.conftest import Env
-from tests.helpers import MIB, evict, sha256_of, tmpfs_mount, tree, wait_until, write_template, xfs_reflink_mount
+from tests.helpers import (
+    MIB,
+    evict,
+    hold_open,
+    sha256_of,
+    tmpfs_mount,
+    tree,
+    wait_until,
+    write_template,
+    xfs_reflink_mount,
+)
 from worker import (
     FilesystemError,
+    InsufficientSpace,
     InvalidStackName,
     InvalidVmId,
     RootfsConfig,
@@ -28,12 +42,16 @@ from worker import (
     RootfsRegistry,
     StackNotFound,
     StampMismatch,
+    TemplateBusy,
     TemplateChanged,
+    VmBusy,
     VmIdConflict,
+    VmRootfs,
     safe_vm_id,
 )
-from worker.core import cloning, hashing
+from worker.core import cloning, hashing, lease, locks
 from worker.core.config import DEFAULT_CLONES_DIR, DEFAULT_TEMPLATE_DIR
+from worker.core.space import Reserve
 
 ABC = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 EMPTY = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
@@ -1109,3 +1127,449 @@ def test_a_clone_on_a_reflink_filesystem_says_reflink(tmp_path: Path) -> None:
         rootfs = registry.clone_for_vm("vm-1", "base")
         assert rootfs.method == "reflink"
         assert sha256_of(rootfs.path) == rootfs.source_sha256
+
+
+# ------------------------------------------------------------------ failures and options the re-measure found
+
+
+def _fd_path(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def _eio(*_: Any, **__: Any) -> Any:
+    raise OSError(errno.EIO, "Input/output error")
+
+
+def _refuse_dir_open(monkeypatch: pytest.MonkeyPatch, target: Path) -> None:
+    """Make opening the directory `target` fail (EMFILE), and nothing else."""
+    real = os.open
+
+    def fake(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if kw.get("dir_fd") is None and os.fspath(path) == str(target) and flags & os.O_DIRECTORY:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", fake)
+
+
+def _fail_fsync_of(monkeypatch: pytest.MonkeyPatch, target: Path) -> None:
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if _fd_path(fd) == str(target):
+            _eio()
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("failing", ["flush vm dir", "flush clones dir", "open clones dir", "and the stamp stays"])
+def test_a_failing_last_step_of_a_clone_is_reported_and_removes_the_named_clone(
+    env: Env, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """The directory flushes after the renames failing (EIO, or the clones dir cannot be opened) is a FilesystemError
+    naming the step and the directory; the clone already in place goes (its stamp too when it can), and the next
+    attempt succeeds."""
+    env.template("base", b"x" * 4096)
+    vm_dir = env.clones_dir / "vm-1"
+    if failing == "open clones dir":
+        _refuse_dir_open(monkeypatch, env.clones_dir)
+        expected = ("flush clones dir", str(env.clones_dir), errno.EMFILE)
+    else:
+        target = env.clones_dir if failing == "flush clones dir" else vm_dir
+        _fail_fsync_of(monkeypatch, target)
+        expected = ("flush clone dir", str(target), errno.EIO)
+    if failing == "and the stamp stays":
+        real_unlink = os.unlink
+
+        def unlink(path: Any, **kw: Any) -> None:
+            if path == "rootfs.ext4.sha256" and kw.get("dir_fd") is not None:
+                _eio()
+            real_unlink(path, **kw)
+
+        monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(FilesystemError) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert (info.value.op, info.value.path, info.value.errno) == expected
+    assert not (vm_dir / "rootfs.ext4").exists()
+    assert (vm_dir / "rootfs.ext4.sha256").exists() is (failing == "and the stamp stays")
+    assert vm_dir.exists() is (failing == "and the stamp stays")
+    monkeypatch.undo()
+    assert env.registry.clone_for_vm("vm-1", "base").path.read_bytes() == b"x" * 4096
+
+
+def test_a_failing_stamp_write_names_the_stamp_and_leaves_no_clone(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writing the stamp failing (ENOSPC) is FilesystemError("write") naming the stamp; nothing is left."""
+    env.template("base", b"x" * 4096)
+    vm_dir = env.clones_dir / "vm-1"
+    real = os.write
+
+    def write(fd: int, data: Any) -> int:
+        if _fd_path(fd) == str(vm_dir / "rootfs.ext4.sha256.partial"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(FilesystemError) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert (info.value.op, info.value.path, info.value.errno) == (
+        "write",
+        str(vm_dir / "rootfs.ext4.sha256"),
+        errno.ENOSPC,
+    )
+    assert not vm_dir.exists()
+    monkeypatch.undo()
+    assert env.registry.clone_for_vm("vm-1", "base").path.read_bytes() == b"x" * 4096
+
+
+def test_a_clone_record_that_cannot_be_written_is_reported(env: Env) -> None:
+    """A directory in the way of the clone's record (.clone.json) is FilesystemError("write") naming the record."""
+    env.template("base", b"x")
+    vm_dir = env.clones_dir / "vm-1"
+    (vm_dir / ".clone.json").mkdir(parents=True)
+    (vm_dir / ".clone.json" / "inside").write_text("x")
+    with pytest.raises(FilesystemError) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert (info.value.op, info.value.path, info.value.errno) == ("write", str(vm_dir / ".clone.json"), errno.EISDIR)
+    assert not (vm_dir / "rootfs.ext4").exists()
+    shutil.rmtree(vm_dir / ".clone.json")
+    assert env.registry.clone_for_vm("vm-1", "base").path.read_bytes() == b"x"
+
+
+def test_a_clone_found_in_place_is_flushed_before_it_is_reported(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asking again for a clone that exists flushes its directory, its disk, its stamp and the clones dir."""
+    env.template("base", b"abc" * 1000)
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    flushed: list[str] = []
+    real = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        flushed.append(_fd_path(fd))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    assert env.registry.clone_for_vm("vm-1", "base") == VmRootfs(
+        "vm-1", "base", rootfs.path, rootfs.source_sha256, "existing"
+    )
+    vm_dir = env.clones_dir / "vm-1"
+    assert flushed == [
+        str(vm_dir),
+        str(vm_dir / "rootfs.ext4"),
+        str(vm_dir / "rootfs.ext4.sha256"),
+        str(env.clones_dir),
+    ]
+
+
+@pytest.mark.parametrize("failing", ["open disk", "open clones dir", "flush vm dir"])
+def test_a_clone_found_in_place_that_cannot_be_flushed_is_reported_and_kept(
+    env: Env, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """A clone in place whose files cannot be opened or flushed is FilesystemError naming the step and the file;
+    the clone is kept as it was, and the next call reports it."""
+    env.template("base", b"x" * 4096)
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    vm_dir = env.clones_dir / "vm-1"
+    if failing == "open disk":
+        real = os.open
+
+        def fake(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+            if path == "rootfs.ext4" and kw.get("dir_fd") is not None:
+                _eio()
+            return real(path, flags, *args, **kw)
+
+        monkeypatch.setattr(os, "open", fake)
+        expected = ("flush clone", str(vm_dir / "rootfs.ext4"), errno.EIO)
+    elif failing == "open clones dir":
+        _refuse_dir_open(monkeypatch, env.clones_dir)
+        expected = ("flush clones dir", str(env.clones_dir), errno.EMFILE)
+    else:
+        _fail_fsync_of(monkeypatch, vm_dir)
+        expected = ("flush clone", str(vm_dir), errno.EIO)
+    with pytest.raises(FilesystemError) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert (info.value.op, info.value.path, info.value.errno) == expected
+    monkeypatch.undo()
+    assert rootfs.path.read_bytes() == b"x" * 4096
+    assert env.registry.clone_for_vm("vm-1", "base").method == "existing"
+
+
+def test_a_clone_in_place_is_returned_even_with_no_room_for_another(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a reserve no copy can meet, a clone already in place is still returned; a new one is refused with
+    InsufficientSpace; and a clone that cannot be examined is reported as such, not as a lack of space."""
+    env.template("base", b"x" * 4096)
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    full = RootfsRegistry(RootfsConfig(env.template_dir, env.clones_dir, min_free=Reserve(percent=100.0)))
+    assert full.clone_for_vm("vm-1", "base").path == rootfs.path
+    with pytest.raises(InsufficientSpace):
+        full.clone_for_vm("vm-2", "base")
+    assert not (env.clones_dir / "vm-2").exists()
+    (env.clones_dir / "vm-3").mkdir()  # a VM directory without a disk needs the room all the same
+    with pytest.raises(InsufficientSpace):
+        full.clone_for_vm("vm-3", "base")
+    real = os.stat
+    seen = 0
+
+    def stat_once(path: Any, *args: Any, **kw: Any) -> os.stat_result:
+        nonlocal seen
+        if path == "rootfs.ext4" and kw.get("dir_fd") is not None:
+            seen += 1
+            if seen > 1:  # the leftover sweep sees the clone; every later look fails
+                _eio()
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(os, "stat", stat_once)
+    with pytest.raises(FilesystemError) as info:
+        full.clone_for_vm("vm-1", "base")
+    assert (info.value.op, info.value.path, info.value.errno) == ("stat clone", str(rootfs.path), errno.EIO)
+
+
+def test_release_flushes_both_directories_of_its_rename(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release is on disk when it returns: the clones dir and the trash are flushed after the rename."""
+    env.template("base", b"abc")
+    env.registry.clone_for_vm("vm-1", "base")
+    flushed: list[str] = []
+    real = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        flushed.append(_fd_path(fd))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    assert env.registry.release("vm-1") is True
+    assert flushed == [str(env.clones_dir), str(env.clones_dir / ".trash")]
+
+
+@pytest.mark.parametrize("failing", ["open clones dir", "open trash", "flush trash"])
+def test_a_release_whose_rename_cannot_be_flushed_is_reported(
+    env: Env, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """After the rename into the trash, a directory that cannot be opened or flushed is FilesystemError("flush clones
+    dir") naming it: the release is not known to be on disk (the clone is gone from the clones dir all the same)."""
+    env.template("base", b"abc")
+    env.registry.clone_for_vm("vm-1", "base")
+    trash = env.clones_dir / ".trash"
+    if failing == "open clones dir":
+        _refuse_dir_open(monkeypatch, env.clones_dir)
+        expected = (str(env.clones_dir), errno.EMFILE)
+    elif failing == "open trash":
+        _refuse_dir_open(monkeypatch, trash)
+        expected = (str(trash), errno.EMFILE)
+    else:
+        _fail_fsync_of(monkeypatch, trash)
+        expected = (str(trash), errno.EIO)
+    with pytest.raises(FilesystemError) as info:
+        env.registry.release("vm-1")
+    assert (info.value.op, info.value.path, info.value.errno) == ("flush clones dir", *expected)
+    assert not (env.clones_dir / "vm-1").exists()
+    assert env.registry.release("vm-1") is False
+
+
+def test_a_release_left_in_the_trash_carries_the_vms_name(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the trash cannot be emptied, what the release left there is named after the VM it came from."""
+    env.template("base", b"abc")
+    env.registry.clone_for_vm("vm 1", "base")
+    monkeypatch.setattr(os, "scandir", _eio)
+    assert env.registry.release("vm 1") is True
+    monkeypatch.undo()
+    [left] = (env.clones_dir / ".trash").iterdir()
+    assert left.name.startswith("vm_1.") and (left / "rootfs.ext4").read_bytes() == b"abc"
+    env.registry.empty_trash()
+    assert list((env.clones_dir / ".trash").iterdir()) == []
+
+
+def test_a_trash_that_cannot_be_listed_is_logged_by_name(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """empty_trash never raises: a .trash it cannot list (a file there) is a warning naming it and the error."""
+    trash = env.clones_dir / ".trash"
+    env.clones_dir.mkdir()
+    trash.write_text("not a directory")
+    with caplog.at_level(logging.WARNING, logger="worker.core.registry"):
+        env.registry.empty_trash()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"could not list {trash} to empty it: [Errno 20] Not a directory: '{trash}'"
+    ]
+    trash.unlink()
+    (trash / "vm-1.0123").mkdir(parents=True)
+    env.registry.empty_trash()
+    assert list(trash.iterdir()) == []
+
+
+def test_release_waits_for_the_vms_lock_unless_told_not_to(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While another operation holds the VM's lock, release(wait=False) raises VmBusy with the id as sent; a plain
+    release waits for the lock and then releases."""
+    env.template("base", b"abc")
+    env.registry.clone_for_vm("vm 1", "base")
+    lock = env.clones_dir / ".locks" / f"{safe_vm_id('vm 1')}.lock"
+    asked: list[int] = []
+    real_flock = fcntl.flock
+
+    def flock(fd: int, operation: int) -> None:
+        asked.append(operation)
+        real_flock(fd, operation)
+
+    outcome: list[object] = []
+
+    def release() -> None:
+        try:
+            outcome.append(env.registry.release("vm 1"))
+        except RootfsError as exc:
+            outcome.append(exc)
+
+    with locks.exclusive(lock):
+        with pytest.raises(VmBusy) as info:
+            env.registry.release("vm 1", wait=False)
+        assert info.value.vm_id == "vm 1"
+        monkeypatch.setattr(fcntl, "flock", flock)
+        waiter = threading.Thread(target=release)
+        waiter.start()
+        wait_until(lambda: asked, what="the release to ask for the lock", timeout=10)
+    waiter.join(timeout=30)
+    assert outcome == [True]
+    assert not (env.clones_dir / "vm_1").exists()
+
+
+def test_release_recheck_sees_the_vms_directory_and_can_spare_it(env: Env) -> None:
+    """recheck(dir_fd, vm_dir) runs under the lock with the VM's directory; raising there keeps the clone."""
+    env.template("base", b"abc")
+    env.registry.clone_for_vm("vm-1", "base")
+    vm_dir = env.clones_dir / "vm-1"
+    seen: list[tuple[str, Path]] = []
+
+    def spare(dir_fd: int, path: Path) -> None:
+        seen.append((_fd_path(dir_fd), path))
+        raise VmBusy("vm-1")
+
+    with pytest.raises(VmBusy):
+        env.registry.release("vm-1", recheck=spare)
+    assert seen == [(str(vm_dir), vm_dir)]
+    assert (vm_dir / "rootfs.ext4").read_bytes() == b"abc"
+    assert env.registry.release("vm-1", recheck=lambda fd, path: None) is True
+    assert not vm_dir.exists()
+
+
+def test_a_disk_that_cannot_be_checked_for_use_is_reported_and_kept(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release that cannot open the disk to see whether a VM holds it is FilesystemError naming the disk."""
+    env.template("base", b"abc")
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    real = os.open
+
+    def fake(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if path == "rootfs.ext4" and kw.get("dir_fd") is not None:
+            _eio()
+        return real(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", fake)
+    with pytest.raises(FilesystemError) as info:
+        env.registry.release("vm-1")
+    assert (info.value.op, info.value.path, info.value.errno) == ("check clone in use", str(rootfs.path), errno.EIO)
+    monkeypatch.undo()
+    assert rootfs.path.read_bytes() == b"abc"
+    assert env.registry.release("vm-1") is True
+
+
+def test_hash_file_refuses_a_file_open_for_writing(tmp_path: Path) -> None:
+    """hash_file reads the way templates are read: a file some process holds open for writing is TemplateBusy,
+    and once it is closed its hash comes back."""
+    path = tmp_path / "rootfs.ext4"
+    path.write_bytes(b"abc")
+    with hold_open(path, "rw"), pytest.raises(TemplateBusy):
+        RootfsRegistry.hash_file(path)
+    assert RootfsRegistry.hash_file(path) == ABC
+
+
+def test_cached_stacks_leaves_out_a_stack_that_cannot_be_opened(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache-only listing answers for the stacks it can open (warm: the hash, cold: None) and skips the rest."""
+    env.template("warm", b"abc")
+    env.template("cold", b"x")
+    env.template("broken", b"y")
+    env.registry.stack("warm")
+    real = os.open
+
+    def fake(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if os.fspath(path).endswith("/broken/rootfs.ext4"):
+            _eio()
+        return real(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", fake)
+    assert env.registry.cached_stacks() == {"warm": ABC, "cold": None}
+
+
+def test_clones_lists_holders_unless_asked_not_to(env: Env) -> None:
+    """clones() names the processes holding a disk; clones(pids=False) still says in use but skips the /proc scan."""
+    env.template("base", b"abc")
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    with hold_open(rootfs.path, "rw") as holder:
+        [full] = env.registry.clones()
+        [quick] = env.registry.clones(pids=False)
+    assert (full.in_use, full.pids) == (True, (holder.pid,))
+    assert (quick.in_use, quick.pids) == (True, ())
+
+
+def test_reconcile_judges_age_at_the_given_time(env: Env) -> None:
+    """A fresh clone is too young now, and old enough for a reconcile told it is an hour later."""
+    env.template("base", b"abc")
+    env.registry.clone_for_vm("vm-1", "base")
+    assert env.registry.reconcile([], older_than=600).too_young == ["vm-1"]
+    later = env.registry.reconcile([], older_than=600, now=time.time() + 3600)
+    assert (later.too_young, later.released) == ([], ["vm-1"])
+    assert (env.clones_dir / "vm-1").exists()  # both were dry runs
+
+
+def test_only_a_real_reconcile_finishes_what_crashed_releases_left(env: Env) -> None:
+    """A dry run leaves a crashed release's trash alone; a real one with nothing to release empties it."""
+    env.template("base", b"abc")
+    env.registry.clone_for_vm("vm-1", "base")
+    trash = env.clones_dir / ".trash"
+    trash.mkdir()
+    (env.clones_dir / "vm-1").rename(trash / "vm-1.0123abcd")
+    env.registry.clone_for_vm("vm-2", "base")
+    env.registry.reconcile(["vm-2"])
+    assert [p.name for p in trash.iterdir()] == ["vm-1.0123abcd"]
+    env.registry.reconcile(["vm-2"], dry_run=False)
+    assert list(trash.iterdir()) == []
+    assert (env.clones_dir / "vm-2" / "rootfs.ext4").read_bytes() == b"abc"
+
+
+def test_hash_time_counts_only_the_hashing(env: Env) -> None:
+    """hash_work.seconds of one cold hash is more than nothing and no more than the call took."""
+    env.template("base", b"x" * 5000)
+    started = time.monotonic()
+    env.registry.stack("base")
+    took = time.monotonic() - started
+    assert 0 < env.registry.hash_work.seconds <= took
+
+
+def test_a_writer_arriving_before_the_hash_stops_it_before_any_progress(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that opens the template between its lease and its hash makes the hash refuse at once
+    (TemplateBusy, no progress reported, not even 100%), and the writer proceeds once we let go."""
+    template = env.template("base", b"v1" * 1000)
+    env.forget(template)
+    real = hashing.hash_fd
+    wrote = threading.Event()
+
+    def write_in_place() -> None:
+        with template.open("r+b") as f:  # blocks until the hash lets go of its lease
+            f.write(b"v2")
+        wrote.set()
+
+    def hash_after_a_writer_opened(fd: int, **kw: Any) -> str:
+        threading.Thread(target=write_in_place, daemon=True).start()
+        wait_until(lambda: fcntl.fcntl(fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK, what="the lease to break", timeout=10)
+        return real(fd, **kw)
+
+    monkeypatch.setattr(hashing, "hash_fd", hash_after_a_writer_opened)
+    reports: list[tuple[str, int, int]] = []
+    with pytest.raises(TemplateBusy):
+        env.registry.stack("base", progress=lambda *report: reports.append(report))
+    assert reports == []
+    assert wrote.wait(10), "the writer stayed blocked after the hash gave up"
+
+
+def test_templates_hash_and_clone_where_no_lease_is_granted(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a filesystem that grants no read lease (NFS), a template still hashes and clones."""
+    env.template("base", b"abc")
+    monkeypatch.setattr(lease, "take", lambda fd, path: False)
+    info = env.registry.stack("base")
+    assert info is not None and info.sha256 == ABC
+    assert env.registry.clone_for_vm("vm-1", "base").path.read_bytes() == b"abc"
