@@ -8,8 +8,8 @@ measures each against `openssl speed` in one run):
   a file truncated while mapped, or a page that fails to read from disk, turns the next access into SIGBUS,
   which kills the worker. So it is used only under a read lease (worker.core.lease: no process can open the
   file for writing, let alone truncate it, without first breaking the lease, which `guard` checks before
-  every window), and only for windows wholly in the page cache (worker.core.pagecache), which need no disk
-  read. Every other window is read as in `serial`.
+  every window), and only for windows wholly in the page cache and read in (worker.core.pagecache), which
+  need no disk read. Every other window is read as in `serial`.
 - serial: one thread, pread into a small buffer, hash it, repeat. The copy costs ~15-20% of a SHA-256
   with SHA-NI.
 - threaded: a reader thread fills a ring of buffers while the calling thread hashes; preadv and large
@@ -24,7 +24,6 @@ import contextlib
 import errno
 import functools
 import hashlib
-import mmap
 import os
 import stat
 import threading
@@ -304,17 +303,13 @@ def _hash_serial(
 
 
 def _hash_mapped(fd: int, start: int, end: int, digest: Hash) -> bool:
-    """Hash bytes [start, end) through a mapping if they are all in the page cache; False (nothing hashed)
-    if they are not, or the mapping fails: the caller reads them instead, which raises what a read raises."""
-    if not pagecache.resident(fd, start, end - start):
-        return False
-    base = start - start % mmap.ALLOCATIONGRANULARITY
-    try:
-        mapping = mmap.mmap(fd, end - base, prot=mmap.PROT_READ, offset=base)
-    except (OSError, ValueError):  # ValueError: the file is now shorter than the window
-        return False
-    with mapping, memoryview(mapping) as whole, whole[start - base :] as window:
-        digest.update(window)
+    """Hash bytes [start, end) through a mapping if they are all in the page cache and up to date; False
+    (nothing hashed) if not, or if that cannot be known: the caller reads them instead, which raises what a
+    read raises."""
+    with pagecache.resident_view(fd, start, end) as view:
+        if view is None:
+            return False
+        digest.update(view)
     return True
 
 

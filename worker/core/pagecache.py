@@ -1,66 +1,80 @@
-"""Is a range of a file in the page cache right now? Asked before hashing it through a mapping.
+"""A window of a file mapped for reading, but only when every page of it is already read into memory.
 
 Hashing a mapped template skips the copy out of the page cache that every read makes (~15% of a SHA-256
 with SHA-NI on one core), but a mapping turns a read error into SIGBUS, which kills the worker where a read
-would have raised EIO. Pages already in the page cache need no disk read, so the hasher maps only ranges
-that are wholly resident and reads the others. The question is the `cachestat` system call (Linux 6.5):
-one call per range, no mapping needed. Python has no binding for it, so it goes through libc's `syscall`.
+would have raised EIO. A page that is in the page cache *and up to date* (its read from disk completed
+successfully) needs no disk read when it is touched, so the hasher maps only windows whose pages all are,
+and reads the others. `mincore` answers exactly that question (a page still being read in, by readahead
+say, counts as absent; `cachestat` would count it), for a mapping: so the window is mapped first (which
+reads nothing), asked, and hashed or unmapped unread. Python's mmap module hides the mapping's address, so
+the mapping is made through libc with ctypes.
 
-Where the answer is unknown (an older kernel, no libc, the call failing) the answer is "not resident": the
-range is read, never mapped.
+Where anything fails (no libc, the mmap or mincore call) the window is simply not offered: the caller reads
+it. What remains is a page evicted between the question and the hash (microseconds to milliseconds later)
+whose read back then fails on the disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
-import os
-import platform
-from collections.abc import Callable
+import mmap
+from collections.abc import Iterator
+from typing import Any
 
-#: cachestat's number in the unified system call table (the same on every architecture since 5.x's 424+).
-_NR_CACHESTAT = 451
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-class _Range(ctypes.Structure):
-    _fields_ = (("off", ctypes.c_uint64), ("len", ctypes.c_uint64))
-
-
-class _Stat(ctypes.Structure):
-    _fields_ = (
-        ("nr_cache", ctypes.c_uint64),
-        ("nr_dirty", ctypes.c_uint64),
-        ("nr_writeback", ctypes.c_uint64),
-        ("nr_evicted", ctypes.c_uint64),
-        ("nr_recently_evicted", ctypes.c_uint64),
-    )
+_PAGE = mmap.PAGESIZE
+_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 @functools.cache
-def _syscall() -> Callable[..., int] | None:
-    """libc's `syscall`, or None where there is no Linux libc to call it through."""
-    if platform.system() != "Linux":
-        return None
+def _libc() -> Any | None:
+    """libc's mmap, munmap and mincore with their signatures, or None where they cannot be called."""
     try:
-        fn = ctypes.CDLL(None, use_errno=True).syscall
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+        libc.munmap.restype = ctypes.c_int
+        libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        libc.mincore.restype = ctypes.c_int
+        libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
     except (OSError, AttributeError):
         return None
-    fn.restype = ctypes.c_long
-    call: Callable[..., int] = fn
-    return call
+    return libc
+
+
+@contextlib.contextmanager
+def resident_view(fd: int, start: int, end: int) -> Iterator[memoryview | None]:
+    """Bytes [start, end) of the file behind `fd` as a read-only view of a shared mapping when every page of
+    them is in the page cache and up to date; None (nothing mapped) when not, or when that cannot be known.
+
+    The view is valid only inside the `with`; the caller must also keep the file from shrinking meanwhile
+    (the hasher holds a read lease), since touching a mapped page past the end of the file is SIGBUS.
+    """
+    libc = _libc()
+    if libc is None or end <= start:
+        yield None
+        return
+    base = start - start % _PAGE
+    length = end - base
+    address = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, base)
+    if address is None or address == _MAP_FAILED:
+        yield None
+        return
+    try:
+        pages = (length + _PAGE - 1) // _PAGE
+        vector = ctypes.create_string_buffer(pages)
+        if libc.mincore(address, length, vector) != 0 or b"\x00" in vector.raw[:pages]:
+            yield None
+            return
+        window = (ctypes.c_char * length).from_address(address)
+        with memoryview(window) as whole, whole[start - base :] as view:
+            yield view
+    finally:
+        libc.munmap(address, length)
 
 
 def resident(fd: int, offset: int, length: int) -> bool:
-    """True when every page of `length` bytes from `offset` of the file behind `fd` is in the page cache."""
-    call = _syscall()
-    if call is None or length <= 0:
-        return False
-    first = offset - offset % _PAGE
-    pages = (offset + length - first + _PAGE - 1) // _PAGE
-    stat = _Stat()
-    rng = _Range(first, pages * _PAGE)
-    if call(ctypes.c_long(_NR_CACHESTAT), ctypes.c_int(fd), ctypes.byref(rng), ctypes.byref(stat), ctypes.c_uint(0)):
-        return False  # ENOSYS (before 6.5), EBADF, EFAULT, or a fault injected by the sweep: read it instead
-    cached: int = stat.nr_cache
-    return cached >= pages
+    """True when every page of `length` bytes from `offset` is in the page cache and up to date."""
+    with resident_view(fd, offset, offset + length) as view:
+        return view is not None
