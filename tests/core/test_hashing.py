@@ -424,6 +424,38 @@ def test_only_the_threaded_strategy_reads_in_a_daemon_thread(tmp_path: Path, str
     assert reader_threads() == []
 
 
+@pytest.mark.parametrize("failing", ["lseek", "second fstat"])
+def test_a_failing_seek_or_final_stat_is_a_filesystem_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """An EIO from the offset lookup before the hash, or from the stat after it, is FilesystemError(op="read")
+    naming the file, like any other failing read."""
+    path = tmp_path / "x"
+    path.write_bytes(b"x")
+    real_lseek, real_fstat = os.lseek, os.fstat
+    stats: list[int] = []
+
+    def lseek(fd: int, offset: int, whence: int) -> int:
+        if failing == "lseek" and whence == os.SEEK_CUR:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_lseek(fd, offset, whence)
+
+    def fstat(fd: int) -> os.stat_result:
+        stats.append(fd)
+        if failing == "second fstat" and len(stats) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fstat(fd)
+
+    monkeypatch.setattr(os, "lseek", lseek)
+    monkeypatch.setattr(os, "fstat", fstat)
+    with pytest.raises(FilesystemError) as info:
+        hash_file(path)
+    assert (info.value.op, info.value.path, info.value.errno) == ("read", str(path), errno.EIO)
+    assert info.value.transient
+    monkeypatch.undo()
+    assert hash_file(path) == hashlib.sha256(b"x").hexdigest()
+
+
 def test_unexpected_reader_error_reaches_the_caller_as_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A non-OSError inside the reader (a bug) is raised to the caller unchanged, and no reader is left behind."""
     path = tmp_path / "d"
