@@ -4,9 +4,12 @@ damaged entry is a miss, one computation per file across processes, and it never
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import stat
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -249,3 +252,186 @@ def test_entries_are_stored_under_a_cache_dir_that_does_not_exist_yet(tmp_path: 
     directory = tmp_path / "clones" / ".cache" / "hashes"
     HashCache(directory).put(KEY, DIGEST)
     assert HashCache(directory).get(KEY) == DIGEST
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_sweep_removes_the_temp_files_of_dead_writers_and_strays_only(tmp_path: Path) -> None:
+    """sweep_temp_files deletes temp entries whose writer is gone and temp-named strays not of our making; it keeps
+    those of live writers (this process's other threads included), entries, and files that are not temp files."""
+    directory = tmp_path / "hashes"
+    cache = HashCache(directory)
+    cache.put(KEY, DIGEST)
+    name = KEY.entry_name
+    dead = [f".{name}.{dead_pid()}.7.tmp", ".stray.notapid.1.tmp", ".stray.tmp", ".x.5.tmp"]
+    alive = [f".{name}.{os.getpid()}.1.tmp", f".{name}.{os.getppid()}.2.tmp", "notdotted.1.1.tmp", f".{name}.1.1.tmpx"]
+    for stray in dead + alive:
+        (directory / stray).write_text("{")
+    cache.sweep_temp_files()
+    assert sorted(p.name for p in directory.iterdir() if p.is_file()) == sorted([name, *alive])
+    assert HashCache(directory).get(KEY) == DIGEST
+    HashCache(tmp_path / "missing").sweep_temp_files()  # no cache dir yet: nothing to sweep, no error
+    assert not (tmp_path / "missing").exists()
+
+
+#: A stand-in writer: records every signal it gets (whatever dispositions it inherited), says "ready", and
+#: prints what it got once its stdin closes.
+_SIGNAL_RECORDER = """
+import signal, sys
+got = []
+for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+    signal.signal(sig, lambda number, frame: got.append(number))
+print("ready", flush=True)
+sys.stdin.read()
+print(sorted(got), flush=True)
+"""
+
+
+def test_sweep_never_signals_the_writer_it_asks_about(tmp_path: Path) -> None:
+    """Asking whether a temp file's writer lives sends it no signal: a live writer keeps its file and runs on."""
+    directory = tmp_path / "hashes"
+    directory.mkdir()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _SIGNAL_RECORDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "ready"
+        temp = directory / f".{KEY.entry_name}.{writer.pid}.1.tmp"
+        temp.write_text("{")
+        HashCache(directory).sweep_temp_files()
+        assert temp.exists()
+    finally:
+        assert writer.stdin is not None and writer.stdout is not None
+        writer.stdin.close()
+        received = writer.stdout.read().strip()
+        writer.wait()
+        writer.stdout.close()
+    assert received == "[]"
+
+
+def test_a_writer_we_may_not_signal_is_taken_for_alive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A temp file whose writer exists but may not be signalled (another user's process: EPERM) is kept."""
+    directory = tmp_path / "hashes"
+    directory.mkdir()
+    temp = directory / f".{KEY.entry_name}.{dead_pid()}.1.tmp"
+    temp.write_text("{")
+
+    def not_permitted(pid: int, sig: int) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "kill", not_permitted)
+        HashCache(directory).sweep_temp_files()
+    assert temp.exists()
+    HashCache(directory).sweep_temp_files()
+    assert not temp.exists()
+
+
+def test_a_temp_file_that_cannot_be_removed_does_not_stop_the_sweep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep goes on past a dead writer's temp file it cannot remove: the others are still removed."""
+    directory = tmp_path / "hashes"
+    directory.mkdir()
+    pid = dead_pid()
+    for n in range(3):
+        (directory / f".{KEY.entry_name}.{pid}.{n}.tmp").write_text("{")
+    real_unlink = os.unlink
+    refused: list[str] = []
+
+    def unlink_all_but_the_first(name: str, *, dir_fd: int | None = None) -> None:
+        if not refused:
+            refused.append(name)
+            raise PermissionError(errno.EPERM, "Operation not permitted", name)
+        real_unlink(name, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "unlink", unlink_all_but_the_first)
+    HashCache(directory).sweep_temp_files()
+    assert [p.name for p in directory.iterdir()] == refused
+
+
+def test_put_sweeps_the_dead_writers_temp_files_of_its_entry(tmp_path: Path) -> None:
+    """Storing an entry removes what a killed writer of the same entry left, and keeps a live writer's file."""
+    directory = tmp_path / "hashes"
+    directory.mkdir()
+    orphan = directory / f".{KEY.entry_name}.{dead_pid()}.1.tmp"
+    live = directory / f".{KEY.entry_name}.{os.getppid()}.1.tmp"
+    other = directory / f".{dataclasses.replace(KEY, ino=7).entry_name}.{dead_pid()}.1.tmp"  # another entry's
+    for temp in (orphan, live, other):
+        temp.write_text("{")
+    HashCache(directory).put(KEY, DIGEST)
+    assert not orphan.exists()
+    assert live.exists() and other.exists()
+    assert HashCache(directory).get(KEY) == DIGEST
+
+
+def test_entries_are_readable_by_all_and_writable_by_their_owner(tmp_path: Path) -> None:
+    """An entry is created 0644 (other workers' users may read it), whatever the umask allows."""
+    directory = tmp_path / "hashes"
+    old = os.umask(0)
+    try:
+        HashCache(directory).put(KEY, DIGEST)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((directory / KEY.entry_name).stat().st_mode) == 0o644
+
+
+def temp_name(key: FileKey) -> str:
+    """The name put() writes an entry under before renaming it (in this process and thread)."""
+    return f".{key.entry_name}.{os.getpid()}.{threading.get_ident()}.tmp"
+
+
+def test_a_symlink_at_the_temp_name_is_not_followed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A symlink planted where put() writes its temp file is not followed: the file it points to is untouched,
+    the entry is not stored (a warning says why), the planted link is cleared, and memory still answers."""
+    directory = tmp_path / "hashes"
+    directory.mkdir()
+    target = tmp_path / "target"
+    target.write_text("precious")
+    (directory / temp_name(KEY)).symlink_to(target)
+    cache = HashCache(directory)
+    cache.put(KEY, DIGEST)
+    assert target.read_text() == "precious"
+    assert caplog.messages == [
+        f"could not persist hash cache entry {KEY.entry_name}: [Errno 17] File exists: '{temp_name(KEY)}'"
+    ]
+    assert list(directory.iterdir()) == []
+    assert cache.get(KEY) == DIGEST
+    assert HashCache(directory).get(KEY) is None
+
+
+@pytest.mark.parametrize("failing", ["open", "write"])
+def test_an_entry_that_cannot_be_written_leaves_a_warning_and_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, failing: str
+) -> None:
+    """A full disk while storing an entry (creating or writing its temp file) is a warning, not an error; no
+    temp file is left behind, and memory still answers."""
+    directory = tmp_path / "hashes"
+    directory.mkdir()
+    real_open = os.open
+
+    def full_open(path: str, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        if failing == "open" and str(path).endswith(".tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    def full_write(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cache = HashCache(directory)
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "open", full_open)
+        if failing == "write":
+            patched.setattr(os, "write", full_write)
+        cache.put(KEY, DIGEST)
+    detail = f": '{temp_name(KEY)}'" if failing == "open" else ""
+    assert caplog.messages == [
+        f"could not persist hash cache entry {KEY.entry_name}: [Errno 28] No space left on device{detail}"
+    ]
+    assert list(directory.iterdir()) == []
+    assert cache.get(KEY) == DIGEST
+    assert HashCache(directory).get(KEY) is None

@@ -275,6 +275,28 @@ def test_holes_are_not_read(tmp_path: Path) -> None:
     assert bytes_read_by_this_process() - before >= 256 * MiB
 
 
+def test_only_the_data_is_read_never_a_byte_of_a_hole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every byte read lies in the file's data; its holes (at the start, between the data, at the end) are not
+    read at all, not even their first byte."""
+    extents = [(2 * MiB, 8192), (4 * MiB + 4096, 4096)]
+    path = sparse_file(tmp_path / "s.ext4", 6 * MiB, {offset: os.urandom(length) for offset, length in extents})
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    evict(path)  # else the mapped strategy maps it instead of reading it
+    real_preadv = os.preadv
+    read: list[tuple[int, int]] = []
+
+    def recording_preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        got = real_preadv(fd, buffers, offset)
+        read.append((offset, offset + got))
+        return got
+
+    monkeypatch.setattr(os, "preadv", recording_preadv)
+    assert hash_file(path) == expected
+    assert read, "nothing was read"
+    outside = [(a, b) for a, b in read if not any(start <= a and b <= start + n for start, n in extents)]
+    assert outside == []
+
+
 def test_without_seek_data_everything_is_read_and_hashes_the_same(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -383,6 +405,54 @@ def test_closed_descriptor_is_a_filesystem_error(tmp_path: Path) -> None:
     with pytest.raises(FilesystemError) as info:
         hash_fd(fd, path=str(path))
     assert (info.value.op, info.value.path, info.value.errno) == ("read", str(path), errno.EBADF)
+
+
+def test_only_the_threaded_strategy_reads_in_a_daemon_thread(tmp_path: Path, strategy: str) -> None:
+    """Mid-hash, the threaded strategy has its one reader thread running, named hash-reader and a daemon (a read
+    stuck on a dead disk never keeps the worker from exiting); the others read in the calling thread. (The "no
+    reader left behind" checks above look for that name.)"""
+    path = sparse_file(tmp_path / "t.ext4", EVERY + 2 * RING, {EVERY: os.urandom(2 * RING)})
+    seen: list[list[tuple[str, bool]]] = []
+
+    def progress(done: int, total: int) -> None:
+        if done < total:  # the reader cannot have finished: the ring is full of data not hashed yet
+            seen.append([(t.name, t.daemon) for t in reader_threads()])
+
+    hash_file(path, progress=progress)
+    assert seen == [[("hash-reader", True)] if strategy == "threaded" else []]
+    assert reader_threads() == []
+
+
+@pytest.mark.parametrize("failing", ["lseek", "second fstat"])
+def test_a_failing_seek_or_final_stat_is_a_filesystem_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """An EIO from the offset lookup before the hash, or from the stat after it, is FilesystemError(op="read")
+    naming the file, like any other failing read."""
+    path = tmp_path / "x"
+    path.write_bytes(b"x")
+    real_lseek, real_fstat = os.lseek, os.fstat
+    stats: list[int] = []
+
+    def lseek(fd: int, offset: int, whence: int) -> int:
+        if failing == "lseek" and whence == os.SEEK_CUR:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_lseek(fd, offset, whence)
+
+    def fstat(fd: int) -> os.stat_result:
+        stats.append(fd)
+        if failing == "second fstat" and len(stats) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fstat(fd)
+
+    monkeypatch.setattr(os, "lseek", lseek)
+    monkeypatch.setattr(os, "fstat", fstat)
+    with pytest.raises(FilesystemError) as info:
+        hash_file(path)
+    assert (info.value.op, info.value.path, info.value.errno) == ("read", str(path), errno.EIO)
+    assert info.value.transient
+    monkeypatch.undo()
+    assert hash_file(path) == hashlib.sha256(b"x").hexdigest()
 
 
 def test_unexpected_reader_error_reaches_the_caller_as_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -540,3 +610,170 @@ def test_residency_follows_the_page_cache(tmp_path: Path) -> None:
         assert not pagecache.resident(fd, 0, 0)
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------------------ which strategy, and the guard
+
+_REAL_DEFAULT_STRATEGY = hashing.default_strategy
+#: Parametrizing a test by "strategy" overrides the autouse fixture: hashing chooses its strategy itself, and
+#: hash_file takes real leases.
+CHOSEN_BY_HASHING = pytest.mark.parametrize("strategy", ["chosen by hashing"])
+
+
+def cached_file(path: Path, data: bytes) -> Path:
+    """`data` written to `path` and read once, so every page of it is in the page cache."""
+    path.write_bytes(data)
+    with path.open("rb") as f:
+        while f.read(8 * MiB):
+            pass
+    return path
+
+
+@CHOSEN_BY_HASHING
+def test_default_strategy_maps_a_leased_file_and_threads_only_with_three_cores(
+    strategy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leased file is mapped; otherwise a reader thread runs where the process may use 3 cores or more, and one
+    thread hashes with 2 or fewer, counting the cores of the machine where the allowed ones are unknown."""
+    assert hashing.default_strategy is _REAL_DEFAULT_STRATEGY
+    for cores, expected in ((1, "serial"), (2, "serial"), (3, "threaded"), (4, "threaded")):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: set(range(cores)))
+        monkeypatch.setattr(os, "cpu_count", lambda: 64)
+        assert hashing.default_strategy() == expected, cores
+        assert hashing.default_strategy(leased=False) == expected, cores
+        assert hashing.default_strategy(leased=True) == "mapped", cores
+
+    def unknown(pid: int) -> set[int]:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(os, "sched_getaffinity", unknown)
+    for machine, expected in ((None, "serial"), (1, "serial"), (2, "serial"), (3, "threaded")):
+        monkeypatch.setattr(os, "cpu_count", lambda machine=machine: machine)
+        assert hashing.default_strategy() == expected, machine
+    monkeypatch.delattr(os, "sched_getaffinity")  # not every platform has it
+    assert hashing.default_strategy() == "threaded"
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert hashing.default_strategy() == "serial"
+
+
+@CHOSEN_BY_HASHING
+def test_a_leased_hash_maps_what_is_cached_and_an_unleased_one_reads_it(strategy: str, tmp_path: Path) -> None:
+    """A file in the page cache is hashed without reading it when leased (hash_file(leased=True), or hash_fd given
+    a guard) and read whole otherwise, with the same digest."""
+    data = os.urandom(16 * MiB)
+    path = cached_file(tmp_path / "dense.ext4", data)
+    expected = hashlib.sha256(data).hexdigest()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        runs: list[tuple[bool, Callable[[], str]]] = [
+            (True, lambda: hashing.hash_file(path, leased=True)),
+            (True, lambda: hashing.hash_fd(fd, path=str(path), guard=lambda: None)),
+            (False, lambda: hashing.hash_file(path)),
+            (False, lambda: hashing.hash_fd(fd, path=str(path))),
+        ]
+        for leased, run in runs:
+            before = bytes_read_by_this_process()
+            assert run() == expected
+            reads = bytes_read_by_this_process() - before
+            assert (reads < MiB) if leased else (reads >= len(data)), (leased, reads)
+    finally:
+        os.close(fd)
+
+
+@CHOSEN_BY_HASHING
+def test_a_leased_hash_file_refuses_a_file_being_written(strategy: str, tmp_path: Path) -> None:
+    """hash_file(leased=True) of a file some process holds open for writing is a transient TemplateBusy naming
+    it; unleased it is hashed, and leased again once the writer closed it."""
+    data = os.urandom(MiB)
+    path = cached_file(tmp_path / "dense.ext4", data)
+    writer = os.open(path, os.O_WRONLY)
+    try:
+        with pytest.raises(TemplateBusy) as info:
+            hashing.hash_file(path, leased=True)
+        assert hashing.hash_file(path) == hashlib.sha256(data).hexdigest()
+    finally:
+        os.close(writer)
+    assert hashing.hash_file(path, leased=True) == hashlib.sha256(data).hexdigest()
+    assert (info.value.path, info.value.detail) == (str(path), "a process has it open for writing")
+    assert info.value.transient
+
+
+@CHOSEN_BY_HASHING
+def test_a_writer_opening_the_file_stops_a_leased_hash_file(strategy: str, tmp_path: Path) -> None:
+    """A process opening the file for writing during hash_file(leased=True) stops it with TemplateBusy naming the
+    file, and gets in once the hash let go."""
+    path = sparse_file(tmp_path / "busy.ext4", 4 * EVERY, {0: b"x"})
+    opened = threading.Event()
+
+    def write() -> None:
+        os.close(os.open(path, os.O_WRONLY))
+        opened.set()
+
+    writer = threading.Thread(target=write, daemon=True)
+    reports: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        reports.append(done)
+        if len(reports) == 1:
+            writer.start()  # blocks in open() until the lease is gone
+            wait_until(lambda: lease_breaking(path), what="the lease to start breaking")
+
+    with pytest.raises(TemplateBusy) as info:
+        hashing.hash_file(path, progress=progress, leased=True)
+    writer.join(timeout=10)
+    assert opened.is_set()
+    assert len(reports) == 1
+    assert (info.value.path, info.value.detail) == (str(path), "a process opened it for writing while it was read")
+
+
+def lease_breaking(path: Path) -> bool:
+    """Whether /proc/locks lists a breaking lease on `path`'s inode (the kernel marks it BREAKING)."""
+    ino = path.stat().st_ino
+    return any(
+        "LEASE" in line and "BREAKING" in line and line.split()[-3].endswith(f":{ino}")
+        for line in Path("/proc/locks").read_text().splitlines()
+    )
+
+
+def test_the_guard_runs_before_every_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller's guard (the lease check) runs once per window hashed, holes included, the first before any
+    byte is hashed: 3 calls for 2 windows and a byte, 2 where the first half window is a hole, none when empty."""
+    window = 2 * MiB
+    monkeypatch.setattr(hashing, "_WINDOW", window)  # 32 MiB in production: the same count on smaller files
+    (tmp_path / "dense").write_bytes(bytes(2 * window + 1))  # written zeros: data, not a hole
+    with (tmp_path / "holed").open("wb") as f:  # a hole, then data from the middle of the first window on
+        f.seek(window // 2)
+        f.write(bytes(2 * window - window // 2))
+    (tmp_path / "one").write_bytes(b"\0")
+    (tmp_path / "empty").write_bytes(b"")
+    for name, size, calls in (("dense", 2 * window + 1, 3), ("holed", 2 * window, 2), ("one", 1, 1), ("empty", 0, 0)):
+        path = tmp_path / name
+        guarded: list[bool] = []
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            digest = hash_fd(fd, path=str(path), guard=functools.partial(guarded.append, True))
+        finally:
+            os.close(fd)
+        assert digest == hashlib.sha256(bytes(size)).hexdigest(), name
+        assert len(guarded) == calls, name
+
+
+@CHOSEN_BY_HASHING
+def test_data_starting_mid_page_is_hashed_in_place(
+    strategy: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a filesystem's blocks are smaller than a page, data may start mid-page after a hole: it is still
+    hashed through a mapping (of the whole page), without a read, to the same digest."""
+    data = bytes(5000) + os.urandom(8 * MiB)
+    path = cached_file(tmp_path / "dense.ext4", data)
+    real_lseek = os.lseek
+
+    def lseek(fd: int, offset: int, whence: int) -> int:
+        if whence == os.SEEK_DATA and offset == 0:
+            return 1000  # a 1000-byte hole (the bytes are zeros), as on a filesystem with 1000-byte blocks
+        return real_lseek(fd, offset, whence)
+
+    monkeypatch.setattr(os, "lseek", lseek)
+    before = bytes_read_by_this_process()
+    assert hashing.hash_file(path, leased=True) == hashlib.sha256(data).hexdigest()
+    assert bytes_read_by_this_process() - before < MiB

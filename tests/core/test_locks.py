@@ -221,3 +221,24 @@ def test_a_failing_flock_is_a_filesystem_error_and_leaks_no_descriptor(
     monkeypatch.undo()
     with locks.exclusive(path) as held:
         assert held is True
+
+
+def test_a_lock_file_that_cannot_be_removed_is_left_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lock file that resists removal (EROFS here) stays behind with a warning naming it and why; leaving the
+    lock is not an error, and the lock still works afterwards."""
+    path = tmp_path / "vm-1.lock"
+
+    def read_only(self: Path, missing_ok: bool = False) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "unlink", read_only)
+        with locks.exclusive(path, remove_if=lambda: True) as held:
+            assert held is True
+    assert path.exists()
+    assert caplog.messages == [f"could not remove lock file {path}: [Errno 30] Read-only file system: '{path}'"]
+    with locks.exclusive(path, remove_if=lambda: True) as held:
+        assert held is True
+    assert not path.exists()

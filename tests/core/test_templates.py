@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Env
-from tests.helpers import write_template
+from tests.helpers import wait_until, write_template
 from worker.core.templates import open_template, stack_names
-from worker.errors import FilesystemError, TemplateChanged
+from worker.errors import FilesystemError, TemplateBusy, TemplateChanged
 
 
 def test_only_directories_with_sendable_names_are_stacks(env: Env) -> None:
@@ -130,3 +132,103 @@ def test_a_template_that_cannot_be_resolved_is_a_filesystem_error(env: Env, monk
     with pytest.raises(FilesystemError) as info, open_template(env.template_dir, "base"):
         pass
     assert (info.value.op, info.value.path, info.value.errno) == ("stat template", str(path), errno.EIO)
+
+
+def test_a_held_template_notices_a_writer_through_its_lease(env: Env) -> None:
+    """A template is held under a read lease: guard and check_unchanged pass until a process opens it for
+    writing (which moves no stat field), then raise TemplateBusy naming it; the writer gets in once it is closed."""
+    path = env.template("base", b"12345")
+    opened = threading.Event()
+
+    def write() -> None:
+        os.close(os.open(path, os.O_WRONLY))
+        opened.set()
+
+    writer = threading.Thread(target=write, daemon=True)
+    with open_template(env.template_dir, "base") as template:
+        assert template is not None and template.leased
+        template.guard()
+        template.check_unchanged()
+        writer.start()  # blocks in open() until the lease is gone
+        wait_until(lambda: fcntl.fcntl(template.fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK, what="the lease to break")
+        for check in (template.guard, template.check_unchanged):
+            with pytest.raises(TemplateBusy) as info:
+                check()
+            assert info.value.path == str(path)
+            assert info.value.detail == "a process opened it for writing while it was read"
+        assert not opened.is_set()
+    writer.join(timeout=10)
+    assert opened.is_set()
+
+
+def test_a_held_template_reports_its_stat_and_takes_its_key_anew(env: Env) -> None:
+    """stat() is the template's stat now; after a ctime move refresh_key makes the template unchanged again."""
+    path = env.template("base", b"12345")
+    with open_template(env.template_dir, "base") as template:
+        assert template is not None
+        assert template.stat().st_ino == path.stat().st_ino
+        assert template.stat().st_size == 5
+        path.chmod(0o600)
+        with pytest.raises(TemplateChanged):
+            template.check_unchanged()
+        template.refresh_key()
+        template.check_unchanged()
+        assert template.stat().st_mode == path.stat().st_mode
+
+
+def test_a_template_whose_stat_fails_is_a_filesystem_error_naming_it(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When even fstat of the held template fails (EIO), stat, refresh_key and check_unchanged raise
+    FilesystemError("stat template") naming the template."""
+    path = env.template("base", b"12345")
+
+    def failing_fstat(fd: int) -> os.stat_result:
+        raise OSError(errno.EIO, "Input/output error")
+
+    with open_template(env.template_dir, "base") as template:
+        assert template is not None
+        template.refresh_key()
+        template.check_unchanged()
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "fstat", failing_fstat)
+            for call in (template.stat, template.refresh_key, template.check_unchanged):
+                with pytest.raises(FilesystemError) as info:
+                    call()
+                assert (info.value.op, info.value.path, info.value.errno) == ("stat template", str(path), errno.EIO)
+
+
+def test_a_template_open_for_writing_cannot_be_opened(env: Env) -> None:
+    """While some process holds the template open for writing, opening it is a transient TemplateBusy naming it;
+    once the writer closed it, it opens (leased)."""
+    path = env.template("base", b"12345")
+    writer = os.open(path, os.O_WRONLY)
+    try:
+        with pytest.raises(TemplateBusy) as info, open_template(env.template_dir, "base"):
+            pass
+    finally:
+        os.close(writer)
+    assert (info.value.path, info.value.detail) == (str(path), "a process has it open for writing")
+    assert info.value.transient
+    with open_template(env.template_dir, "base") as template:
+        assert template is not None and template.leased
+
+
+def test_a_stat_failing_while_the_template_is_opened_names_it(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fstat that fails (EIO) while the template is being opened is FilesystemError("stat template") naming it,
+    whichever of its stat calls meets the error."""
+    path = env.template("base", b"12345")
+    real_fstat = os.fstat
+    for succeeding in (0, 1):
+        calls: list[int] = []
+
+        def failing_fstat(fd: int, succeeding: int = succeeding, calls: list[int] = calls) -> os.stat_result:
+            calls.append(fd)
+            if len(calls) > succeeding:
+                raise OSError(errno.EIO, "Input/output error")
+            return real_fstat(fd)
+
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "fstat", failing_fstat)
+            with pytest.raises(FilesystemError) as info, open_template(env.template_dir, "base"):
+                pass
+        assert (info.value.op, info.value.path, info.value.errno) == ("stat template", str(path), errno.EIO)
+        assert len(calls) == succeeding + 1

@@ -1,0 +1,95 @@
+"""Page-cache residency: exact to the page, and "not resident" wherever the answer is unknown."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import evict
+from worker.core import pagecache
+
+MiB = 1 << 20
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.fixture
+def first_mib_cached(tmp_path: Path) -> Iterator[int]:
+    """A 4 MiB file of which exactly the first and the third MiB are in the page cache; yields a read-only
+    descriptor."""
+    path = tmp_path / "dense.ext4"
+    path.write_bytes(os.urandom(4 * MiB))
+    evict(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead: read exactly the first MiB
+        os.pread(fd, MiB, 0)
+        os.pread(fd, MiB, 2 * MiB)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def fresh_syscall() -> Iterator[None]:
+    """The libc lookup is made once per process: forget it before and after a test that changes what it finds."""
+    pagecache._syscall.cache_clear()
+    yield
+    pagecache._syscall.cache_clear()
+
+
+def test_a_range_is_resident_exactly_when_all_its_pages_are(first_mib_cached: int) -> None:
+    """Ranges inside the cached first MiB are resident, down to one byte, however they are aligned; a range
+    reaching one byte (one page) past it is not, even though pages further on (the third MiB) are cached."""
+    fd = first_mib_cached
+    inside = [(0, 1), (0, MiB), (17, MiB - 17), (PAGE + 17, 100), (MiB - 1, 1), (MiB - 100, 100), (MiB - PAGE, PAGE)]
+    inside += [(2 * MiB, PAGE), (2 * MiB + 5, MiB - 5)]
+    for offset, length in inside:
+        assert pagecache.resident(fd, offset, length), (offset, length)
+    reaching_out = [
+        (0, MiB + 1),
+        (MiB - 1, 2),
+        (MiB - 100, 101),
+        (MiB, 1),
+        (MiB - PAGE + 1, PAGE),
+        (MiB - PAGE, 2 * PAGE),
+    ]
+    reaching_out += [(0, 3 * MiB), (2 * MiB - 1, 2), (3 * MiB, PAGE), (2 * MiB, MiB + 1)]
+    for offset, length in reaching_out:
+        assert not pagecache.resident(fd, offset, length), (offset, length)
+
+
+def test_an_empty_or_negative_range_is_never_resident(first_mib_cached: int) -> None:
+    """Nothing to hash is nothing to map: an empty or negative length is not resident, even where cached."""
+    fd = first_mib_cached
+    assert pagecache.resident(fd, 0, 1)
+    assert not pagecache.resident(fd, 0, 0)
+    assert not pagecache.resident(fd, PAGE, -1)
+
+
+def test_a_failing_call_is_not_resident(first_mib_cached: int) -> None:
+    """Where cachestat fails (a closed descriptor here, ENOSYS on an older kernel) the answer is "not resident"."""
+    assert pagecache.resident(first_mib_cached, 0, PAGE)
+    assert not pagecache.resident(-1, 0, PAGE)
+
+
+@pytest.mark.usefixtures("fresh_syscall")
+def test_without_a_linux_libc_nothing_is_resident(first_mib_cached: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On another system, or where libc cannot be loaded, nothing is resident (everything is read, never mapped)."""
+    assert pagecache.resident(first_mib_cached, 0, PAGE)
+    for broken in ("system", "libc"):
+        pagecache._syscall.cache_clear()
+        with monkeypatch.context() as patched:
+            if broken == "system":
+                patched.setattr(platform, "system", lambda: "Darwin")
+            else:
+
+                def no_libc(*args: object, **kwargs: object) -> None:
+                    raise OSError("libc.so.6: cannot open shared object file")
+
+                patched.setattr(ctypes, "CDLL", no_libc)
+            assert not pagecache.resident(first_mib_cached, 0, PAGE), broken
