@@ -27,8 +27,7 @@ _PAGE = mmap.PAGESIZE
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-@functools.cache
-def _libc() -> Any | None:
+def _load_libc() -> Any | None:
     """libc's mmap, munmap and mincore with their signatures, or None where they cannot be called."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -41,6 +40,24 @@ def _libc() -> Any | None:
     except (OSError, AttributeError):
         return None
     return libc
+
+
+#: Loaded once per process.
+_libc = functools.cache(_load_libc)
+
+
+def _map(libc: Any, fd: int, base: int, length: int) -> int | None:
+    """The address of a fresh read-only shared mapping of `length` bytes from `base`, or None. Maps, reads
+    nothing."""
+    address: int | None = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, base)
+    return None if address is None or address == _MAP_FAILED else address
+
+
+def _up_to_date(libc: Any, address: int, length: int) -> bool:
+    """Whether every page of the mapping is in the page cache and up to date (mincore), False if unknown."""
+    pages = (length + _PAGE - 1) // _PAGE
+    vector = ctypes.create_string_buffer(pages)
+    return libc.mincore(address, length, vector) == 0 and b"\x00" not in vector.raw[:pages]
 
 
 @contextlib.contextmanager
@@ -57,14 +74,12 @@ def resident_view(fd: int, start: int, end: int) -> Iterator[memoryview | None]:
         return
     base = start - start % _PAGE
     length = end - base
-    address = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, base)
-    if address is None or address == _MAP_FAILED:
+    address = _map(libc, fd, base, length)
+    if address is None:
         yield None
         return
     try:
-        pages = (length + _PAGE - 1) // _PAGE
-        vector = ctypes.create_string_buffer(pages)
-        if libc.mincore(address, length, vector) != 0 or b"\x00" in vector.raw[:pages]:
+        if not _up_to_date(libc, address, length):
             yield None
             return
         window = (ctypes.c_char * length).from_address(address)
