@@ -33,9 +33,10 @@ def first_mib_cached(tmp_path: Path) -> Iterator[int]:
         os.close(fd)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def fresh_libc() -> Iterator[None]:
-    """The libc lookup is made once per process: forget it before and after a test that changes what it finds."""
+    """The libc lookup is made once per process: forget it before and after each test, so that each test
+    loads it (and one that changes what it finds does not leak that)."""
     pagecache._libc.cache_clear()
     yield
     pagecache._libc.cache_clear()
@@ -76,7 +77,6 @@ def test_a_failing_call_is_not_resident(first_mib_cached: int) -> None:
     assert not pagecache.resident(-1, 0, PAGE)
 
 
-@pytest.mark.usefixtures("fresh_libc")
 def test_without_libc_nothing_is_resident(first_mib_cached: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where libc cannot be loaded, nothing is resident (everything is read, never mapped)."""
     assert pagecache.resident(first_mib_cached, 0, PAGE)
@@ -88,3 +88,19 @@ def test_without_libc_nothing_is_resident(first_mib_cached: int, monkeypatch: py
 
         patched.setattr(ctypes, "CDLL", no_libc)
         assert not pagecache.resident(first_mib_cached, 0, PAGE)
+
+
+def test_a_window_far_into_a_large_file_is_mapped_at_its_own_offset(tmp_path: Path) -> None:
+    """Offsets past 4 GiB reach the mapping whole (not cut to 32 bits): the view holds the bytes at 5 GiB."""
+    path = tmp_path / "large.ext4"
+    data = os.urandom(MiB)
+    with path.open("wb") as f:
+        f.seek(5 << 30)
+        f.write(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(fd, MiB, 5 << 30)
+        with pagecache.resident_view(fd, (5 << 30) + 3, (5 << 30) + MiB) as view:
+            assert view is not None and bytes(view) == data[3:]
+    finally:
+        os.close(fd)

@@ -30,7 +30,7 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 def _load_libc() -> Any | None:
     """libc's mmap, munmap and mincore with their signatures, or None where they cannot be called."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = ctypes.CDLL(None)  # errno is not read: a failure only means "read it instead"
         libc.mmap.restype = ctypes.c_void_p
         libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
         libc.munmap.restype = ctypes.c_int
