@@ -104,3 +104,21 @@ def test_a_window_far_into_a_large_file_is_mapped_at_its_own_offset(tmp_path: Pa
             assert view is not None and bytes(view) == data[3:]
     finally:
         os.close(fd)
+
+
+def mappings_of(path: Path) -> int:
+    """How many mappings of `path` this process has (/proc/self/maps)."""
+    return sum(1 for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(str(path)))
+
+
+def test_no_mapping_outlives_its_window(first_mib_cached: int, tmp_path: Path) -> None:
+    """Every window is unmapped when its `with` ends, whether it was offered or refused: none pile up."""
+    path = tmp_path / "dense.ext4"
+    with pagecache.resident_view(first_mib_cached, 0, MiB) as view:
+        assert view is not None
+        assert mappings_of(path) == 1
+    with pagecache.resident_view(first_mib_cached, 0, 2 * MiB) as refused:
+        assert refused is None
+    for _ in range(50):
+        assert pagecache.resident(first_mib_cached, 0, MiB)
+    assert mappings_of(path) == 0
