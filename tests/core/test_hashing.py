@@ -57,6 +57,17 @@ def reader_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "hash-reader"]
 
 
+def writer_of(path: Path) -> tuple[threading.Thread, threading.Event]:
+    """A thread (not started) that opens `path` for writing and closes it, and the event it sets once in."""
+    opened = threading.Event()
+
+    def write() -> None:
+        os.close(os.open(path, os.O_WRONLY))
+        opened.set()
+
+    return threading.Thread(target=write, daemon=True), opened
+
+
 def test_abc_vector(tmp_path: Path) -> None:
     """SHA-256("abc") is the FIPS 180-2 value."""
     path = tmp_path / "abc"
@@ -529,13 +540,7 @@ def test_a_writer_waits_for_one_window_not_the_whole_hash(tmp_path: Path) -> Non
     size = 8 * EVERY  # ~0.5 GiB of holes: far more windows than the one the writer waits for
     path = sparse_file(tmp_path / "busy.ext4", size, {0: b"x"})
     fd = os.open(path, os.O_RDONLY)
-    opened = threading.Event()
-
-    def write() -> None:
-        os.close(os.open(path, os.O_WRONLY))
-        opened.set()
-
-    writer = threading.Thread(target=write, daemon=True)
+    writer, opened = writer_of(path)
     reports: list[int] = []
 
     def progress(done: int, total: int) -> None:
@@ -703,13 +708,7 @@ def test_a_writer_opening_the_file_stops_a_leased_hash_file(strategy: str, tmp_p
     """A process opening the file for writing during hash_file(leased=True) stops it with TemplateBusy naming the
     file, and gets in once the hash let go."""
     path = sparse_file(tmp_path / "busy.ext4", 4 * EVERY, {0: b"x"})
-    opened = threading.Event()
-
-    def write() -> None:
-        os.close(os.open(path, os.O_WRONLY))
-        opened.set()
-
-    writer = threading.Thread(target=write, daemon=True)
+    writer, opened = writer_of(path)
     reports: list[int] = []
 
     def progress(done: int, total: int) -> None:

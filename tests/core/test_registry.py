@@ -1136,6 +1136,19 @@ def _fd_path(fd: int) -> str:
     return os.readlink(f"/proc/self/fd/{fd}")
 
 
+def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, the path of every file or directory fsynced, in order (each fsync still runs)."""
+    flushed: list[str] = []
+    real = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        flushed.append(_fd_path(fd))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return flushed
+
+
 def _eio(*_: Any, **__: Any) -> Any:
     raise OSError(errno.EIO, "Input/output error")
 
@@ -1240,14 +1253,7 @@ def test_a_clone_found_in_place_is_flushed_before_it_is_reported(env: Env, monke
     """Asking again for a clone that exists flushes its directory, its disk, its stamp and the clones dir."""
     env.template("base", b"abc" * 1000)
     rootfs = env.registry.clone_for_vm("vm-1", "base")
-    flushed: list[str] = []
-    real = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        flushed.append(_fd_path(fd))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    flushed = record_fsyncs(monkeypatch)
     assert env.registry.clone_for_vm("vm-1", "base") == VmRootfs(
         "vm-1", "base", rootfs.path, rootfs.source_sha256, "existing"
     )
@@ -1327,14 +1333,7 @@ def test_release_flushes_both_directories_of_its_rename(env: Env, monkeypatch: p
     """A release is on disk when it returns: the clones dir and the trash are flushed after the rename."""
     env.template("base", b"abc")
     env.registry.clone_for_vm("vm-1", "base")
-    flushed: list[str] = []
-    real = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        flushed.append(_fd_path(fd))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    flushed = record_fsyncs(monkeypatch)
     assert env.registry.release("vm-1") is True
     assert flushed == [str(env.clones_dir), str(env.clones_dir / ".trash")]
 
