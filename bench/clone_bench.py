@@ -97,7 +97,7 @@ def run_xfs(ctx: Context) -> Section:
     )
     try:
         with xfs_reflink(ctx.workdir, size=XFS_IMAGE_SIZE) as mount:
-            s = _compare(ctx, mount, reflink="always", reps=ctx.reps(full=21, quick=5))
+            s = _compare(ctx, mount, reflink="always", reps=ctx.reps(full=41, quick=5))
     except MountUnavailable as exc:
         section.rows.append(Row(measure, "—", "—", None, Target("<=", 0.25), skipped=str(exc)))
         return section
@@ -117,7 +117,8 @@ def _compare(ctx: Context, root: Path, *, reflink: str, reps: int) -> _Samples:
     try:
         setup = _Setup(template, fd, registry, root / "scratch", reflink)
         s = _Samples(template_blocks=os.stat(template).st_blocks)
-        steps = [_ours, _cp, _bare, _order("sequential"), _order("ordered"), _order("paired"), _ours_without_lease]
+        orders = [name for name in fsync_order.ORDERS if reflink == "always" or name not in fsync_order.REFLINK_ONLY]
+        steps = [_ours, _cp, _bare, *(_order(name) for name in orders), _ours_without_lease]
         for i in range(reps + 1):
             if i % 5 == 0:
                 ctx.log(f"clone ({root.name}): repetition {i}/{reps}")
@@ -257,14 +258,22 @@ def _notes(s: _Samples, fs: str) -> list[str]:
         "and `sync` are spawned as processes, as the seed does.",
         f"Samples (ms): {samples}. `bare` = `cloning.clone_fd` (by {', '.join(sorted(s.methods))}) and one "
         "fsync, no registry; `sequential` / `ordered` / `paired` = the registry's syscalls alone with the four "
-        "flushes one after another (the protocol before issue 10), in today's two groups ordered so one journal "
-        "commit serves each (stamp before data, VM dir before clones dir), and in the same groups issued from "
-        "two threads at once (bench/fsync_order.py); `no-lease` = ours without the template's read lease.",
+        "flushes one after another (the protocol before issue 10), in two groups ordered so one journal "
+        "commit serves each (stamp before data, VM dir before clones dir: today's protocol off XFS), and in the "
+        "same groups issued from two threads at once"
+        + (
+            "; `one-trip` = today's protocol on XFS, the stamp a reflink too and only the two directories "
+            "flushed, after the rename"
+            if "one-trip" in s.seconds
+            else ""
+        )
+        + " (bench/fsync_order.py); `no-lease` = ours without the template's read lease.",
         f"Read lease cost: {s.lease_seconds * 1e6:.1f} µs per clone (F_SETSIG + F_SETLEASE, two F_GETLEASE "
         "checks and the release at close, against open and close alone, medians of 10 alternating batches of "
         f"2,000); in the rotation, ours {ms(s.med('ours'))} against {ms(s.med('no-lease'))} without the lease "
         f"({(s.med('ours') - s.med('no-lease')) * 1e6:+.0f} µs, within noise). The flushes alone: "
-        f"`sequential` {ms(s.med('sequential'))}, `ordered` {ms(s.med('ordered'))}, `paired` {ms(s.med('paired'))}.",
+        f"`sequential` {ms(s.med('sequential'))}, `ordered` {ms(s.med('ordered'))}, `paired` {ms(s.med('paired'))}"
+        + (f", `one-trip` {ms(s.med('one-trip'))}." if "one-trip" in s.seconds else "."),
         f"Diagnostics: the copy call alone {ms(median(s.bare_copy))}; one more registry clone with its fsyncs "
         f"counted took {ms(s.profiled)}, of which {s.fsyncs.calls} fsyncs {ms(s.fsyncs.seconds)}; allocated: "
         f"template {fmt_bytes(s.template_blocks * 512)}, ours {fmt_bytes(median(s.ours_blocks) * 512)}, "
@@ -279,13 +288,18 @@ def _time_why(s: _Samples, target: Target, *, on_loop: bool) -> str:
     return (
         f"the copy itself with one fsync takes {ms(bare)} ({bare / cp:.2f}x the baseline); the registry's "
         f"clone {ms(ours)}. A registry clone with its fsyncs counted made {s.fsyncs.calls} of them "
-        f"({ms(s.fsyncs.seconds)} of its {ms(s.profiled)}, {ms(per_fsync)} each on average), in two groups "
-        "ordered so that one journal commit serves each, where the baseline's `sync FILE` makes one. Each "
-        "group waits for the disk"
+        f"({ms(s.fsyncs.seconds)} of its {ms(s.profiled)}, {ms(per_fsync)} each on average), "
+        + (
+            "in one group (the two directories after the rename: one wait), "
+            if s.fsyncs.calls <= 2
+            else "in two groups ordered so that one journal commit serves each, "
+        )
+        + "where the baseline's `sync FILE` makes one. Each group waits for the disk"
         + (": a log force, and on this loop device a write and a flush of the image file" if on_loop else "")
         + f". The syscalls alone take {ms(ordered)} ordered ({ordered / cp:.2f}x), {ms(sequential)} in the "
-        f"order before issue 10 ({sequential / cp:.2f}x), {ms(paired)} from two threads ({paired / cp:.2f}x) "
-        "(bench/fsync_order.py); the rest is the registry's Python (locks, path checks, opens, the lease). "
+        f"order before issue 10 ({sequential / cp:.2f}x), {ms(paired)} from two threads ({paired / cp:.2f}x)"
+        + (f", {ms(s.med('one-trip'))} in one trip ({s.med('one-trip') / cp:.2f}x)" if "one-trip" in s.seconds else "")
+        + " (bench/fsync_order.py); the rest is the registry's Python (locks, path checks, opens, the lease). "
         "Times on a loaded machine also include waits for a CPU and for the shared disk. "
         f"Target here: {ms(cp * target.limit)}."
     )

@@ -189,9 +189,10 @@ def test_failing_trash_sweep_does_not_fail_the_release(env: Env, monkeypatch: py
 
 
 def test_clone_flushes_in_two_ordered_pairs(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A clone flushes its stamp then its data (both still partials, so before either is named), then its
-    VM directory then the clones dir: each pair ordered so that the first flush's journal commit covers the
-    second (two disk round trips), and everything flushed before the clone is reported."""
+    """Without reflink a clone flushes its stamp (named at once: nothing trusts a stamp without a clone) then
+    its data (still a partial, so before the clone is named), then its VM directory then the clones dir: each
+    pair ordered so that the first flush's journal commit covers the second (two disk round trips), and
+    everything flushed before the clone is reported."""
     env.template("base", b"abc" * 1000)
     env.registry.stack("base")
     flushed: list[str] = []
@@ -205,7 +206,7 @@ def test_clone_flushes_in_two_ordered_pairs(env: Env, monkeypatch: pytest.Monkey
     rootfs = env.registry.clone_for_vm("vm-1", "base")
     vm_dir = env.clones_dir / "vm-1"
     assert flushed == [
-        str(vm_dir / "rootfs.ext4.sha256.partial"),
+        str(vm_dir / "rootfs.ext4.sha256"),
         str(vm_dir / "rootfs.ext4.partial"),
         str(vm_dir),
         str(env.clones_dir),

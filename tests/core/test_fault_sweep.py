@@ -96,7 +96,12 @@ OPERATIONS = {
     "fixup": Operation("fixup", "fixup", lambda s: {}, crashed_leftovers, fixed_up),
 }
 #: On the XFS loop mount, where the copy is a reflink.
-XFS_OPERATIONS = {"clone-warm-reflink": Operation("clone-warm-reflink", "clone", clone_args, warm_cache, has_clone)}
+XFS_OPERATIONS = {
+    # Warm: the hash and the stamp source made beforehand, so the clone is the one-round-trip path alone.
+    "clone-warm-reflink": Operation("clone-warm-reflink", "clone", clone_args, warm_cache, has_clone),
+    # Cold: the clone also hashes and makes the stamp source (unnamed, flushed, linked) before it reflinks it.
+    "clone-cold-reflink": Operation("clone-cold-reflink", "clone", clone_args, empty, has_clone, strategy="serial"),
+}
 
 
 def _strace_usable() -> str | None:

@@ -238,7 +238,7 @@ def test_locks_dir_that_is_not_a_directory_is_reported_and_logged(env: Env, capl
     lock_dir.write_text("")
     with caplog.at_level(logging.INFO, logger="worker.core.fixup"):
         report = fixup.sweep(env.registry.config)
-    vm_error = f"lock {lock_dir / 'vm-crashed.lock'}: File exists (EEXIST)"
+    vm_error = f"lock {lock_dir / 'vm-crashed.lock'}: Not a directory (ENOTDIR)"
     assert report.failed == {
         "vm-crashed": f"FilesystemError: {vm_error}",
         ".locks": f"read locks {lock_dir}: Not a directory (ENOTDIR)",

@@ -318,3 +318,69 @@ def test_closing_a_descriptor_never_raises(tmp_path: Path) -> None:
         os.fstat(fd)
     assert info.value.errno == errno.EBADF
     fsops.close(fd)
+
+
+def test_write_new_creates_the_file_whole_and_flushes_nothing(
+    vm_dir: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """write_new makes a new file holding exactly the data, in one write and with no fsync, and leaves no
+    partial; a file already there is an error naming it, and is left as it was."""
+    path, fd = vm_dir
+    writes: list[int] = []
+    real_write = os.write
+
+    def write(target: int, data: Any) -> int:
+        writes.append(len(data))
+        return real_write(target, data)
+
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "fsync", lambda _: pytest.fail("write_new flushed"))
+    fsops.write_new(fd, ".vm-id", b"vm-1", path)
+    assert (path / ".vm-id").read_bytes() == b"vm-1"
+    assert writes == [4]
+    assert sorted(os.listdir(path)) == [".vm-id"]
+    with pytest.raises(FilesystemError) as info:
+        fsops.write_new(fd, ".vm-id", b"vm-2", path)
+    assert (info.value.op, info.value.path, info.value.errno) == ("write", str(path / ".vm-id"), errno.EEXIST)
+    assert (path / ".vm-id").read_bytes() == b"vm-1"
+
+
+def test_write_new_of_more_than_a_page_goes_through_a_partial(
+    vm_dir: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Data larger than one page (which one write could leave torn) is written and renamed into place instead."""
+    path, fd = vm_dir
+    renamed: list[str] = []
+    real_rename = os.rename
+
+    def rename(src: Any, dst: Any, **kw: Any) -> None:
+        renamed.append(str(src))
+        real_rename(src, dst, **kw)
+
+    monkeypatch.setattr(os, "rename", rename)
+    fsops.write_new(fd, "big", b"y" * fsops.ONE_PAGE, path)
+    assert renamed == []
+    fsops.write_new(fd, "bigger", b"z" * (fsops.ONE_PAGE + 1), path)
+    assert renamed == ["bigger.partial"]
+    assert (path / "bigger").read_bytes() == b"z" * (fsops.ONE_PAGE + 1)
+    assert sorted(os.listdir(path)) == ["big", "bigger"]
+
+
+def test_write_new_never_leaves_a_torn_file(vm_dir: tuple[Path, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should a write ever come back short, the file is removed and the error names it (a prefix of a vm id
+    would claim the directory for another VM); a failing write is named too, and removes nothing else."""
+    path, fd = vm_dir
+    monkeypatch.setattr(os, "write", lambda target, data: len(data) - 1)
+    with pytest.raises(FilesystemError) as info:
+        fsops.write_new(fd, ".vm-id", b"vm-1", path)
+    assert (info.value.op, info.value.path, info.value.errno) == ("write", str(path / ".vm-id"), errno.EIO)
+    assert not (path / ".vm-id").exists()
+
+    def enospc(target: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", enospc)
+    with pytest.raises(FilesystemError) as info:
+        fsops.write_new(fd, ".clone.json", b"{}", path)
+    assert (info.value.op, info.value.errno) == ("write", errno.ENOSPC)
+    assert info.value.transient

@@ -1027,16 +1027,16 @@ def test_a_full_clones_filesystem_names_the_partial_clone(tmp_path: Path, monkey
         filler.unlink()
 
 
-def test_a_failing_stamp_write_is_reported_and_cleanup_failures_do_not_hide_it(
+def test_a_failing_clone_rename_is_reported_and_cleanup_failures_do_not_hide_it(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The stamp's rename failing (EIO) is FilesystemError("stamp clone") naming the stamp, even when removing the
-    leftovers fails too; no clone is left."""
+    """Naming the clone failing (EIO) is FilesystemError("rename clone") naming it, even when removing the
+    leftovers fails too; no clone is left, and the call after succeeds."""
     env.template("base", b"x" * 4096)
     real_rename, real_unlink = os.rename, os.unlink
 
     def rename(src: Any, dst: Any, **kw: Any) -> None:
-        if src == "rootfs.ext4.sha256.partial":
+        if src == "rootfs.ext4.partial":
             raise OSError(errno.EIO, "Input/output error")
         real_rename(src, dst, **kw)
 
@@ -1051,11 +1051,13 @@ def test_a_failing_stamp_write_is_reported_and_cleanup_failures_do_not_hide_it(
         env.registry.clone_for_vm("vm-1", "base")
     vm_dir = env.clones_dir / "vm-1"
     assert (info.value.op, info.value.path, info.value.errno) == (
-        "stamp clone",
-        str(vm_dir / "rootfs.ext4.sha256"),
+        "rename clone",
+        str(vm_dir / "rootfs.ext4"),
         errno.EIO,
     )
     assert not (vm_dir / "rootfs.ext4").exists()
+    monkeypatch.undo()
+    assert env.registry.clone_for_vm("vm-1", "base").path.read_bytes() == b"x" * 4096
 
 
 def test_an_unreadable_owner_record_is_reported(env: Env) -> None:
@@ -1218,7 +1220,7 @@ def test_a_failing_stamp_write_names_the_stamp_and_leaves_no_clone(env: Env, mon
     real = os.write
 
     def write(fd: int, data: Any) -> int:
-        if _fd_path(fd) == str(vm_dir / "rootfs.ext4.sha256.partial"):
+        if _fd_path(fd) == str(vm_dir / "rootfs.ext4.sha256"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data)
 

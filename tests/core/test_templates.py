@@ -12,8 +12,17 @@ import pytest
 
 from tests.conftest import Env
 from tests.helpers import wait_until, write_template
+from worker.core import templates
 from worker.core.templates import open_template, stack_names
 from worker.errors import FilesystemError, TemplateBusy, TemplateChanged
+
+
+@pytest.fixture(params=["proc", "realpath"])
+def resolution(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each escape test twice: the kernel resolving (an O_PATH fd named by /proc), and without /proc."""
+    if request.param == "realpath":
+        monkeypatch.setattr(templates, "_real_path", lambda fd: None)
+    return str(request.param)
 
 
 def test_only_directories_with_sendable_names_are_stacks(env: Env) -> None:
@@ -41,7 +50,7 @@ def test_unreadable_template_dir_is_a_filesystem_error(tmp_path: Path) -> None:
     assert stack_names(tmp_path / "missing") == []
 
 
-def test_symlink_loop_as_template_is_no_stack(env: Env) -> None:
+def test_symlink_loop_as_template_is_no_stack(env: Env, resolution: str) -> None:
     """A template that is a symlink loop is simply not a stack (not an error), beside a good one."""
     env.template("good", b"x")
     (env.template_dir / "loop").mkdir()
@@ -53,7 +62,7 @@ def test_symlink_loop_as_template_is_no_stack(env: Env) -> None:
         assert template.path == env.template_dir / "good" / "rootfs.ext4"
 
 
-def test_template_leading_to_the_template_dir_itself_is_not_followed(env: Env) -> None:
+def test_template_leading_to_the_template_dir_itself_is_not_followed(env: Env, resolution: str) -> None:
     """A template path resolving to the template dir's own name (or a sibling sharing its prefix) is refused."""
     sibling = env.root / "templates-other"
     sibling.mkdir()
@@ -80,13 +89,19 @@ def test_a_held_template_notices_changes(env: Env) -> None:
     assert info.value.detail == "size 5 -> 5, stat changed"
 
 
-def test_a_template_that_cannot_be_opened_is_a_filesystem_error(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A template that exists but cannot be opened (EIO here) is FilesystemError("open template"), not "no stack"."""
+def test_a_template_that_cannot_be_opened_is_a_filesystem_error(
+    env: Env, monkeypatch: pytest.MonkeyPatch, resolution: str
+) -> None:
+    """A template that exists but cannot be opened for reading (EIO here) is FilesystemError("open template"),
+    not "no stack", whether opened through its O_PATH descriptor or (without /proc) by its resolved path; once
+    the fault has passed it is opened."""
     path = env.template("base", b"x")
     real_open = os.open
+    failing = {"on": True}
+    target = "/proc/self/fd/" if resolution == "proc" else str(path)
 
     def failing_open(file: object, flags: int, *args: object, **kw: object) -> int:
-        if str(file).endswith("rootfs.ext4") and str(file).startswith(str(env.template_dir)):
+        if failing["on"] and not flags & os.O_PATH and str(file).startswith(target):
             raise OSError(errno.EIO, "Input/output error")
         return real_open(file, flags, *args, **kw)  # type: ignore[arg-type]
 
@@ -95,10 +110,13 @@ def test_a_template_that_cannot_be_opened_is_a_filesystem_error(env: Env, monkey
         pass
     assert (info.value.op, info.value.path, info.value.errno) == ("open template", str(path), errno.EIO)
     assert info.value.transient
+    failing["on"] = False
+    with open_template(env.template_dir, "base") as template:
+        assert template is not None and os.pread(template.fd, 1, 0) == b"x"
 
 
 @pytest.mark.parametrize("dir_name", ["stacks ", "stacksX", "stacks/"])
-def test_any_template_dir_name_finds_its_stacks(tmp_path: Path, dir_name: str) -> None:
+def test_any_template_dir_name_finds_its_stacks(tmp_path: Path, dir_name: str, resolution: str) -> None:
     """A template dir whose name ends in a space or any letter (or is given with a trailing slash) finds its stacks."""
     template_dir = tmp_path / dir_name.rstrip("/")
     write_template(template_dir, "base", b"x")
@@ -108,7 +126,7 @@ def test_any_template_dir_name_finds_its_stacks(tmp_path: Path, dir_name: str) -
     assert stack_names(given) == ["base"]
 
 
-def test_a_template_leading_outside_is_logged(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_template_leading_outside_is_logged(env: Env, resolution: str, caplog: pytest.LogCaptureFixture) -> None:
     """A template symlinked out of the template dir is ignored with a warning naming both ends."""
     outside = env.root / "outside" / "disk.img"
     outside.parent.mkdir()
@@ -121,17 +139,42 @@ def test_a_template_leading_outside_is_logged(env: Env, caplog: pytest.LogCaptur
     assert caplog.messages == [f"template {link} resolves outside {env.template_dir} ({outside}); ignored"]
 
 
-def test_a_template_that_cannot_be_resolved_is_a_filesystem_error(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Resolving a template failing for a real reason (EIO) is FilesystemError("stat template") naming it."""
+def test_a_template_that_cannot_be_resolved_is_a_filesystem_error(
+    env: Env, monkeypatch: pytest.MonkeyPatch, resolution: str
+) -> None:
+    """Resolving a template failing for a real reason (EIO: the kernel's O_PATH lookup, or realpath without
+    /proc) is FilesystemError("stat template") naming it."""
     path = env.template("base", b"x")
+    real_open = os.open
+
+    def failing_open(file: object, flags: int, *args: object, **kw: object) -> int:
+        if flags & os.O_PATH and str(file) == str(path):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_open(file, flags, *args, **kw)  # type: ignore[arg-type]
 
     def broken(*args: object, **kw: object) -> str:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(os.path, "realpath", broken)
+    if resolution == "proc":
+        monkeypatch.setattr(os, "open", failing_open)
+    else:
+        monkeypatch.setattr(os.path, "realpath", broken)
     with pytest.raises(FilesystemError) as info, open_template(env.template_dir, "base"):
         pass
     assert (info.value.op, info.value.path, info.value.errno) == ("stat template", str(path), errno.EIO)
+
+
+def test_a_template_reached_through_an_alias_is_opened_and_checked_by_what_the_kernel_resolved(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stack alias (a symlink to another stack) opens the real template; no path is resolved twice (realpath
+    is not used while /proc answers), so a swap between check and open cannot change what is read."""
+    env.template("base", b"real bytes")
+    (env.template_dir / "alias").symlink_to(env.template_dir / "base")
+    monkeypatch.setattr(os.path, "realpath", lambda *a, **k: pytest.fail("realpath used while /proc answers"))
+    with open_template(env.template_dir, "alias") as template:
+        assert template is not None and template.name == "alias"
+        assert os.pread(template.fd, 64, 0) == b"real bytes"
 
 
 def test_a_held_template_notices_a_writer_through_its_lease(env: Env) -> None:

@@ -36,7 +36,15 @@ from pathlib import Path
 from typing import Any
 
 from worker.core.config import RootfsConfig
-from worker.core.layout import CACHE_DIR, CLONE_ROOTFS_FILE, CLONE_STAMP_FILE, LOCKS_DIR, TRASH_DIR, record_names
+from worker.core.layout import (
+    CACHE_DIR,
+    CLONE_ROOTFS_FILE,
+    CLONE_STAMP_FILE,
+    LOCKS_DIR,
+    STAMPS_DIR,
+    TRASH_DIR,
+    record_names,
+)
 from worker.core.registry import RootfsRegistry
 from worker.errors import RootfsError
 
@@ -307,6 +315,10 @@ def check_invariants(scene: Scene, template_state: tuple[int, ...]) -> list[str]
             digest = sha256_file(clone)
             if stamp != digest or digest != scene.digest:
                 problems.append(f"{clone} exists with stamp {stamp}, bytes {digest[:12]}, template {scene.digest[:12]}")
+    for source in (scene.clones_dir / CACHE_DIR / STAMPS_DIR).glob("*"):
+        # Made unnamed, flushed, then linked: a named stamp source is always whole, whatever failed.
+        if not source.is_file() or source.read_bytes() != source.name.encode():
+            problems.append(f"stamp source {source.name[:12]} is not a file holding its name")
     key = scene.template_state()
     for entry_path in (scene.clones_dir / CACHE_DIR / "hashes").glob("*.json"):
         try:

@@ -45,12 +45,7 @@ def clone_fd(src_fd: int, dst_fd: int, *, src_path: str, dst_path: str) -> Clone
     if _fstat(dst_fd, path=dst_path).st_size != 0:
         # A sparse copy writes only the data extents; old bytes in a non-empty target would show through.
         raise InvalidArgument(field="destination", value=dst_path, reason="must be a new, empty file")
-    try:
-        fcntl.ioctl(dst_fd, _FICLONE, src_fd)
-    except OSError as exc:
-        if exc.errno not in _NO_REFLINK:
-            raise FilesystemError.from_os(exc, op="reflink", path=dst_path) from exc
-    else:
+    if reflink(src_fd, dst_fd, dst_path=dst_path):
         return "reflink"
 
     _sparse_copy(src_fd, dst_fd, size=src_stat.st_size, src_path=src_path, dst_path=dst_path)
@@ -58,6 +53,18 @@ def clone_fd(src_fd: int, dst_fd: int, *, src_path: str, dst_path: str) -> Clone
         # A reflink is atomic; a copy of a template that changed under it mixes two versions.
         raise TemplateChanged(src_path, "size/mtime/ctime changed while it was copied")
     return "sparse-copy"
+
+
+def reflink(src_fd: int, dst_fd: int, *, dst_path: str) -> bool:
+    """Make `dst_fd` share all of `src_fd`'s blocks (FICLONE): True when done, False when this pair cannot be
+    reflinked (the caller copies instead); any other failure is raised."""
+    try:
+        fcntl.ioctl(dst_fd, _FICLONE, src_fd)
+    except OSError as exc:
+        if exc.errno not in _NO_REFLINK:
+            raise FilesystemError.from_os(exc, op="reflink", path=dst_path) from exc
+        return False
+    return True
 
 
 def _fstat(fd: int, *, path: str) -> os.stat_result:

@@ -17,14 +17,23 @@ has its own data to write and cores are free (a filesystem without a journal, la
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, wait
 from concurrent.futures.thread import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 from worker.errors import FilesystemError
+
+#: statfs f_type of XFS (linux/magic.h): the one filesystem whose log order the one-round-trip clone relies on.
+XFS_MAGIC = 0x58465342
+#: Filesystems that write every metadata change to one log in the order the changes were made, so that after a
+#: power cut the log holds a prefix of them (docs/crash-safety.md, "One round trip on XFS").
+_ORDERED_METADATA = frozenset({XFS_MAGIC})
 
 #: At most four things are flushed at once (adopting an existing clone: file, stamp, two directories).
 _HELPERS = 3
@@ -81,3 +90,57 @@ def fsync_together(targets: Sequence[tuple[int, Path]], *, op: str, concurrent: 
     for (_, path), error in zip(targets, errors, strict=True):
         if error is not None:
             raise FilesystemError.from_os(error, op=op, path=path) from error
+
+
+def orders_metadata(fd: int) -> bool:
+    """Whether the file behind `fd` lives on a filesystem that persists metadata changes in order (XFS);
+    False where that is not known (another filesystem, or fstatfs not callable).
+
+    Asked once per filesystem (device number) and process, like worker.core.space's reflink probe: on XFS a
+    statfs also kicks the background deletion of released clones onto this CPU (0.2 ms after a release).
+    """
+    try:
+        dev = os.fstat(fd).st_dev
+    except OSError:
+        return False
+    with _types_mutex:
+        known = _types.get(dev)
+    if known is None:
+        known = filesystem_type(fd)
+        if known is None:
+            return False  # not remembered: asked again next time
+        with _types_mutex:
+            _types[dev] = known
+    return known in _ORDERED_METADATA
+
+
+_types: dict[int, int] = {}
+_types_mutex = threading.Lock()
+
+
+def filesystem_type(fd: int) -> int | None:
+    """The statfs f_type (magic number) of the filesystem behind `fd`, None when it cannot be asked."""
+    fstatfs = _fstatfs()
+    if fstatfs is None:
+        return None
+    buf = ctypes.create_string_buffer(_STATFS_SIZE)
+    if fstatfs(fd, buf) != 0:
+        return None
+    # f_type is the first member of struct statfs on Linux, a C long (__fsword_t) on every 64-bit ABI.
+    return ctypes.c_long.from_buffer(buf).value
+
+
+#: Bigger than struct statfs on any Linux ABI (120 bytes on x86-64).
+_STATFS_SIZE = 256
+
+
+@functools.cache
+def _fstatfs() -> Callable[[int, ctypes.Array[ctypes.c_char]], int] | None:
+    """libc's fstatfs (Python's os module has statvfs, which lacks the filesystem type), loaded once."""
+    try:
+        func = ctypes.CDLL(None).fstatfs
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = (ctypes.c_int, ctypes.c_void_p)
+    func.restype = ctypes.c_int
+    return cast(Callable[[int, ctypes.Array[ctypes.c_char]], int], func)

@@ -6,6 +6,7 @@ Every OSError becomes a FilesystemError naming the operation and the path, so ca
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -97,15 +98,25 @@ def read_small_file(dir_fd: int, name: str, *, limit: int) -> bytes | None:
     return data if len(data) <= limit else None
 
 
+#: One page: a write() of at most this much into a new, empty file is all or nothing. The kernel copies a
+#: write into the page cache a page at a time and stops early, for a kill, only between pages; a full disk
+#: fails the allocation of the one block before anything is copied.
+ONE_PAGE = 4096
+
+
 def write_partial(dir_fd: int, name: str, data: bytes, vm_dir: Path) -> int:
     """`name`.partial holding `data`, not flushed; returns its open fd (the caller flushes, closes, renames)."""
-    partial = name + PARTIAL_SUFFIX
+    return write_file(dir_fd, name + PARTIAL_SUFFIX, data, vm_dir, name=name)
+
+
+def write_file(dir_fd: int, file: str, data: bytes, vm_dir: Path, *, name: str | None = None) -> int:
+    """`file` (created or emptied) holding `data`, not flushed; returns its open fd, the caller's to close.
+    Errors name `name` (default: `file`)."""
+    named = vm_dir / (name or file)
     try:
-        fd = os.open(
-            partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd
-        )
+        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
     except OSError as exc:
-        raise FilesystemError.from_os(exc, op="write", path=vm_dir / name) from exc
+        raise FilesystemError.from_os(exc, op="write", path=named) from exc
     try:
         view = memoryview(data)
         while view:
@@ -113,7 +124,7 @@ def write_partial(dir_fd: int, name: str, data: bytes, vm_dir: Path) -> int:
     except BaseException as exc:
         close(fd)
         if isinstance(exc, OSError):
-            raise FilesystemError.from_os(exc, op="write", path=vm_dir / name) from exc
+            raise FilesystemError.from_os(exc, op="write", path=named) from exc
         raise
     return fd
 
@@ -123,6 +134,28 @@ def rename(dir_fd: int, src: str, dst: str, vm_dir: Path, *, op: str) -> None:
         os.rename(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except OSError as exc:
         raise FilesystemError.from_os(exc, op=op, path=vm_dir / dst) from exc
+
+
+def write_new(dir_fd: int, name: str, data: bytes, vm_dir: Path) -> None:
+    """Create `name` holding `data` in one write, not flushed, where it cannot exist yet (a directory this
+    call made). Readers, a kill or a full disk see it empty or whole when `data` fits in ONE_PAGE; larger
+    data is written as write_atomic does."""
+    if len(data) > ONE_PAGE:
+        write_atomic(dir_fd, name, data, vm_dir, durable=False)
+        return
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+    except OSError as exc:
+        raise FilesystemError.from_os(exc, op="write", path=vm_dir / name) from exc
+    try:
+        written = os.write(fd, data)
+    except OSError as exc:
+        raise FilesystemError.from_os(exc, op="write", path=vm_dir / name) from exc
+    finally:
+        close(fd)
+    if written != len(data):  # cannot happen for one page (see ONE_PAGE): never leave a torn record
+        unlink(dir_fd, name, vm_dir)
+        raise FilesystemError("write", str(vm_dir / name), errno.EIO, "short write")
 
 
 def write_atomic(dir_fd: int, name: str, data: bytes, vm_dir: Path, *, durable: bool = True) -> None:

@@ -9,6 +9,7 @@
 and ours only, under names no safe vm id can take (safe ids have no dots):
 
     <clones_dir>/.cache/hashes/   shared template-hash cache
+    <clones_dir>/.cache/stamps/   one file per template hash, holding it: reflinked as stamps on XFS
     <clones_dir>/.locks/          one flock file per VM
     <clones_dir>/.trash/          released clones being deleted
 
@@ -28,6 +29,8 @@ OWNER_FILE = ".vm-id"
 CLONE_RECORD_FILE = ".clone.json"
 PARTIAL_SUFFIX = ".partial"
 CACHE_DIR = ".cache"
+#: In CACHE_DIR: the stamp sources (worker.core.stamps).
+STAMPS_DIR = "stamps"
 LOCKS_DIR = ".locks"
 TRASH_DIR = ".trash"
 #: In LOCKS_DIR; starts with a dot, so no safe vm id can take it.

@@ -53,9 +53,16 @@ def _remove(path: Path) -> None:
 
 def _acquire(path: Path, *, blocking: bool = True) -> int | None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        made_dir = False
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            except FileNotFoundError:
+                if made_dir:
+                    raise
+                path.parent.mkdir(parents=True, exist_ok=True)  # only before the first lock of all
+                made_dir = True
+                continue
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)

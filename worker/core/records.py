@@ -38,20 +38,24 @@ def parse_record(raw: str | None) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def write_record(dir_fd: int, vm_dir: Path, *, vm_id: str, stack: str, adopted: bool) -> None:
-    """Record the clone unless the record already says the same. For an adopted clone (one made before us,
-    by the seed or an older worker) "created" is its stamp's mtime: both write the stamp right after the copy.
+def write_record(dir_fd: int, vm_dir: Path, *, vm_id: str, stack: str, adopted: bool, fresh: bool = False) -> None:
+    """Record the clone unless the record already says the same (not looked for in a `fresh` directory, one
+    just made). For an adopted clone (one made before us, by the seed or an older worker) "created" is its
+    stamp's mtime: both write the stamp right after the copy.
 
     Not flushed on its own (no fsync more on the clone path): after a power cut the record may come back
     empty, which reads as none.
     """
-    record = read_record(dir_fd, vm_dir)
+    record = None if fresh else read_record(dir_fd, vm_dir)
     if record is not None and record.get("vm_id") == vm_id and record.get("stack") == stack:
         return
     created = _stamp_mtime(dir_fd) if adopted else None
     body = {"vm_id": vm_id, "stack": stack, "created": created if created is not None else time.time()}
     data = json.dumps(body, sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass")
-    fsops.write_atomic(dir_fd, CLONE_RECORD_FILE, data, vm_dir, durable=False)
+    if fresh:
+        fsops.write_new(dir_fd, CLONE_RECORD_FILE, data, vm_dir)
+    else:
+        fsops.write_atomic(dir_fd, CLONE_RECORD_FILE, data, vm_dir, durable=False)
 
 
 def _stamp_mtime(dir_fd: int) -> float | None:

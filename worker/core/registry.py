@@ -30,6 +30,7 @@ from worker.core.layout import (
     LOCKS_DIR,
     OWNER_FILE,
     PARTIAL_SUFFIX,
+    STAMPS_DIR,
     TRASH_DIR,
     WARM_LOCK,
     partials,
@@ -38,6 +39,7 @@ from worker.core.layout import (
 from worker.core.models import CloneOrigin, HashWork, StackInfo, VmRootfs, WarmReport
 from worker.core.names import check_stack_name, check_vm_id
 from worker.core.reconcile import DEFAULT_OLDER_THAN, ReconcileReport, reconcile
+from worker.core.stamps import StampSources
 from worker.core.templates import Template, open_template, stack_names
 from worker.errors import (
     CloneInUse,
@@ -62,6 +64,7 @@ class RootfsRegistry:
     def __init__(self, config: RootfsConfig) -> None:
         self._config = config
         self._cache = HashCache(config.clones_dir / CACHE_DIR / "hashes")
+        self._stamps = StampSources(config.clones_dir / CACHE_DIR / STAMPS_DIR)
         self._hash_work = HashWork()
         self._hash_work_lock = threading.Lock()
 
@@ -107,6 +110,7 @@ class RootfsRegistry:
             hashed: list[str] = []
             warm: list[str] = []
             failed: dict[str, str] = {}
+            digests: set[str] = set()
             total = 0
             for name in stack_names(self._config.template_dir):
                 try:
@@ -117,12 +121,36 @@ class RootfsRegistry:
                 except RootfsError as exc:
                     failed[name] = f"{type(exc).__name__}: {exc}"
                     continue
+                digests.add(info.sha256)
                 if computed:
                     hashed.append(name)
                     total += info.size_bytes
                 else:
                     warm.append(name)
+            self._warm_stamps(digests, complete=not failed)
         return WarmReport(tuple(hashed), tuple(warm), total, time.monotonic() - started, failed)
+
+    def _warm_stamps(self, digests: set[str], *, complete: bool) -> None:
+        """Where clones take their stamps by reflink (XFS), make every template's stamp source now, so no
+        clone waits for one to reach the disk; and, after a warm-up that saw every template (`complete`),
+        drop the sources of hashes no template has any more."""
+        if not space.probe_reflink(self._config.clones_dir):
+            return
+        try:
+            clones_fd = os.open(self._config.clones_dir, fsops.OPEN_DIR)
+        except OSError:
+            return
+        try:
+            if not durability.orders_metadata(clones_fd):
+                return
+        finally:
+            fsops.close(clones_fd)
+        for digest in digests:
+            fd = self._stamps.open(digest)
+            if fd is not None:
+                fsops.close(fd)
+        if complete:
+            self._stamps.prune(digests)
 
     def cached_stacks(self) -> dict[str, str | None]:
         """Every stack with its hash where the cache has it, None where cold: never hashes (heartbeats and
@@ -204,7 +232,7 @@ class RootfsRegistry:
         with self._vm_lock(safe_id), open_template(self._config.template_dir, stack) as template:
             if template is None:
                 raise StackNotFound(stack, str(self._config.template_dir))
-            with self._open_vm_dir(vm_dir, create=False) as dir_fd:
+            with self._open_vm_dir(vm_dir, required=False) as dir_fd:
                 if dir_fd is not None:
                     self._check_owner(dir_fd, vm_dir, vm_id, safe_id)
                     if _clear_leftovers(dir_fd, vm_dir):
@@ -221,10 +249,12 @@ class RootfsRegistry:
     ) -> VmRootfs:
         info, _ = self._info(template, progress)
         method: CloneOrigin = "existing"
-        with self._open_vm_dir(vm_dir, create=True) as dir_fd:
+        fresh = _make_vm_dir(vm_dir)
+        with self._open_vm_dir(vm_dir, required=True) as dir_fd:
             assert dir_fd is not None
-            existing = self._existing_clone(dir_fd, vm_dir, safe_id, info)
-            self._claim(dir_fd, vm_dir, vm_id, info.name, existing)
+            # A directory this call just made (under the VM's lock) holds nothing yet: nothing to read.
+            existing = not fresh and self._existing_clone(dir_fd, vm_dir, safe_id, info)
+            self._claim(dir_fd, vm_dir, vm_id, info.name, existing, fresh=fresh)
             if existing:
                 self._flush_existing(dir_fd, vm_dir)
             else:
@@ -258,7 +288,7 @@ class RootfsRegistry:
         vm_dir = clones / safe_id
         try:
             with self._vm_lock(safe_id, wait=wait, vm_id=vm_id):
-                with self._open_vm_dir(vm_dir, create=False) as dir_fd:
+                with self._open_vm_dir(vm_dir, required=False) as dir_fd:
                     found = dir_fd is not None
                     if dir_fd is not None:
                         self._check_owner(dir_fd, vm_dir, vm_id, safe_id)
@@ -323,20 +353,13 @@ class RootfsRegistry:
             yield
 
     @contextlib.contextmanager
-    def _open_vm_dir(self, vm_dir: Path, *, create: bool) -> Iterator[int | None]:
-        """The VM's directory as an fd (never through a symlink), so every later step stays inside it."""
-        if create:
-            try:
-                vm_dir.parent.mkdir(parents=True, exist_ok=True)
-                os.mkdir(vm_dir, 0o755)  # made durable by the clones-dir fsync that ends a build
-            except FileExistsError:
-                pass
-            except OSError as exc:
-                raise FilesystemError.from_os(exc, op="create clone dir", path=vm_dir) from exc
+    def _open_vm_dir(self, vm_dir: Path, *, required: bool) -> Iterator[int | None]:
+        """The VM's directory as an fd (never through a symlink), so every later step stays inside it; None
+        when there is none, unless `required` (the caller made it: _make_vm_dir)."""
         try:
             fd = os.open(vm_dir, fsops.OPEN_DIR)
         except FileNotFoundError as exc:
-            if create:  # removed between our mkdir and open: only a concurrent release-all could
+            if required:  # removed between our mkdir and open: only a concurrent release-all could
                 raise FilesystemError.from_os(exc, op="open clone dir", path=vm_dir) from exc
             yield None
             return
@@ -353,16 +376,19 @@ class RootfsRegistry:
         if owner and owner != vm_id:
             raise VmIdConflict(vm_id, safe_id, owner)
 
-    def _claim(self, dir_fd: int, vm_dir: Path, vm_id: str, stack: str, existing: bool) -> None:
+    def _claim(self, dir_fd: int, vm_dir: Path, vm_id: str, stack: str, existing: bool, *, fresh: bool) -> None:
         """Record who owns the directory (also when adopting a clone the seed made), and for the inventory
         which stack it holds and since when (worker.core.records).
 
         Not flushed on its own (one fsync less on the clone path): after a power cut the record may come
         back empty, which reads as no record, as for a directory the seed made.
         """
-        if _read_owner(dir_fd, vm_dir) != vm_id:
-            fsops.write_atomic(dir_fd, OWNER_FILE, vm_id.encode("utf-8", "surrogatepass"), vm_dir, durable=False)
-        records.write_record(dir_fd, vm_dir, vm_id=vm_id, stack=stack, adopted=existing)
+        owner = vm_id.encode("utf-8", "surrogatepass")
+        if fresh:  # one write into a new file: empty (no owner yet) or whole, never a prefix of the id
+            fsops.write_new(dir_fd, OWNER_FILE, owner, vm_dir)
+        elif _read_owner(dir_fd, vm_dir) != vm_id:
+            fsops.write_atomic(dir_fd, OWNER_FILE, owner, vm_dir, durable=False)
+        records.write_record(dir_fd, vm_dir, vm_id=vm_id, stack=stack, adopted=existing, fresh=fresh)
 
     def _existing_clone(self, dir_fd: int, vm_dir: Path, safe_id: str, info: StackInfo) -> bool:
         """True when a complete clone of these bytes is in place (ours or the seed's), False when none."""
@@ -397,8 +423,8 @@ class RootfsRegistry:
                 fsops.close(fd)
 
     def _build_clone(self, dir_fd: int, vm_dir: Path, template: Template, digest: str) -> CloneOrigin:
-        """Copy, flush stamp and data as one group, name the stamp then the clone, flush both directories as
-        one group: two waits for the disk. The step-by-step argument is in docs/crash-safety.md."""
+        """Copy and stamp, make both durable before the clone is named, name it, flush both directories:
+        one wait for the disk on XFS, two elsewhere. The step-by-step argument is in docs/crash-safety.md."""
         partial = CLONE_ROOTFS_FILE + PARTIAL_SUFFIX
         dst_path = vm_dir / partial
         clones = vm_dir.parent
@@ -416,22 +442,25 @@ class RootfsRegistry:
             try:
                 method = cloning.clone_fd(template.fd, dst, src_path=str(template.path), dst_path=str(dst_path))
                 template.check_unchanged()
-                stamp = fsops.write_partial(dir_fd, CLONE_STAMP_FILE, digest.encode("ascii"), vm_dir)
-                # 1st round trip. On disk before either is named: a power cut must never leave a
-                # complete-looking clone of zeros, or a stamp of nothing. The stamp, changed last, first:
-                # its journal commit carries the clone's metadata with it (worker.core.durability).
-                durability.fsync_together(
-                    [(stamp, vm_dir / (CLONE_STAMP_FILE + PARTIAL_SUFFIX)), (dst, dst_path)], op="flush clone"
-                )
+                # The stamp goes under its own name at once: no reader trusts a stamp without a clone beside
+                # it (the Rust runtime reads it only then, the next clone removes it as a leftover).
+                if method == "reflink" and durability.orders_metadata(dst):
+                    # XFS: the stamp a reflink too, so the clone is metadata alone, which XFS logs in order:
+                    # the flush after the rename covers both (worker.core.stamps). No round trip here.
+                    stamp = self._reflink_stamp(dir_fd, vm_dir, digest)
+                if stamp is None:
+                    stamp = fsops.write_file(dir_fd, CLONE_STAMP_FILE, digest.encode("ascii"), vm_dir)
+                    # 1st round trip. On disk before the clone is named: a power cut must never leave a
+                    # complete-looking clone of zeros, or a stamp of nothing. The stamp, changed last,
+                    # first: its journal commit carries the clone's metadata with it (worker.core.durability).
+                    durability.fsync_together([(stamp, vm_dir / CLONE_STAMP_FILE), (dst, dst_path)], op="flush clone")
             finally:
                 fsops.close(dst)
                 if stamp is not None:
                     fsops.close(stamp)
-            # The stamp first: whenever `rootfs.ext4` exists, its stamp does.
-            fsops.rename(dir_fd, CLONE_STAMP_FILE + PARTIAL_SUFFIX, CLONE_STAMP_FILE, vm_dir, op="stamp clone")
             fsops.rename(dir_fd, partial, CLONE_ROOTFS_FILE, vm_dir, op="rename clone")
-            # 2nd round trip: the renames (and `.vm-id`) in the VM's directory, then the VM's directory in
-            # the clones dir (its mkdir is older: the first commit took it along). Only then is it reported.
+            # Last round trip: the rename (and the records) in the VM's directory, then the VM's directory
+            # in the clones dir (its mkdir is older: the same commit took it along). Only then is it reported.
             clones_fd = fsops.open_dir(clones, op="flush clones dir")
             try:
                 durability.fsync_together([(dir_fd, vm_dir), (clones_fd, clones)], op="flush clone dir")
@@ -442,6 +471,50 @@ class RootfsRegistry:
             raise
         log.info("cloned %s to %s by %s", template.path, vm_dir / CLONE_ROOTFS_FILE, method)
         return "reflink" if method == "reflink" else "copy"
+
+    def _reflink_stamp(self, dir_fd: int, vm_dir: Path, digest: str) -> int | None:
+        """The stamp as a reflink of the stamp source of `digest`, open; None when there is no source or the
+        pair cannot be reflinked (the caller writes the stamp instead)."""
+        source = self._stamps.open(digest)
+        if source is None:
+            return None
+        path = vm_dir / CLONE_STAMP_FILE
+        try:
+            try:
+                fd = os.open(
+                    CLONE_STAMP_FILE,
+                    os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o644,
+                    dir_fd=dir_fd,
+                )
+            except OSError as exc:
+                raise FilesystemError.from_os(exc, op="write", path=path) from exc
+            try:
+                if cloning.reflink(source, fd, dst_path=str(path)):
+                    return fd
+            except BaseException:
+                fsops.close(fd)
+                raise
+            fsops.close(fd)
+            return None
+        finally:
+            fsops.close(source)
+
+
+def _make_vm_dir(vm_dir: Path) -> bool:
+    """Make the VM's directory unless it exists; True when this call made it (empty, ours alone: the caller
+    holds the VM's lock). Made durable by the clones-dir fsync that ends a build."""
+    try:
+        try:
+            os.mkdir(vm_dir, 0o755)
+        except FileNotFoundError:  # no clones dir yet: the first clone of all makes it
+            vm_dir.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(vm_dir, 0o755)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise FilesystemError.from_os(exc, op="create clone dir", path=vm_dir) from exc
+    return True
 
 
 def _roll_back(dir_fd: int, vm_dir: Path) -> None:

@@ -88,6 +88,14 @@ def fs_usage(path: Path) -> FsUsage:
     return FsUsage(free=st.f_bavail * st.f_frsize, total=st.f_blocks * st.f_frsize)
 
 
+def _stat_existing(path: Path) -> os.stat_result:
+    """The stat of `path`, or of its nearest existing ancestor (one stat when it exists, as it mostly does)."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return os.stat(_existing(path))
+
+
 def _existing(path: Path) -> Path:
     for candidate in (path, *path.parents):
         if candidate.exists():
@@ -105,7 +113,7 @@ def reflink_known(clones_dir: Path) -> bool | None:
     """Whether the clones filesystem clones by reflink, as probed before (None: never probed in this
     process). Never touches the disk: for the heartbeat."""
     try:
-        dev = os.stat(_existing(clones_dir)).st_dev
+        dev = _stat_existing(clones_dir).st_dev
     except OSError:
         return None
     with _reflinks_mutex:
@@ -117,7 +125,7 @@ def probe_reflink(clones_dir: Path) -> bool:
     tiny files in our private cache dir. A probe that cannot write (read-only, no permission) says False
     and is not remembered, so a later call tries again."""
     try:
-        dev = os.stat(_existing(clones_dir)).st_dev
+        dev = _stat_existing(clones_dir).st_dev
     except OSError:
         return False
     with _reflinks_mutex:
@@ -163,7 +171,7 @@ def will_reflink(template: os.stat_result, clones_dir: Path) -> bool:
     are one. (btrfs subvolumes report distinct devices yet could reflink: they get the guard, a safe error.)
     """
     try:
-        same = os.stat(_existing(clones_dir)).st_dev == template.st_dev
+        same = _stat_existing(clones_dir).st_dev == template.st_dev
     except OSError:
         return False
     return same and probe_reflink(clones_dir)

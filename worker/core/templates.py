@@ -87,39 +87,40 @@ def stack_names(template_dir: Path) -> list[str]:
 def resolve_template(template_dir: Path, name: str) -> tuple[Path, str] | None:
     """The template path of `name` and its real path, or None when there is none inside the template
     dir. Symlinks inside the template dir (a stack alias) are followed; one that leads outside is not."""
-    tdir = template_dir
-    path = tdir / name / TEMPLATE_ROOTFS_FILE
+    path = template_dir / name / TEMPLATE_ROOTFS_FILE
     try:
         real = os.path.realpath(path, strict=True)
-        root = os.path.realpath(tdir, strict=True)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+        root = os.path.realpath(template_dir, strict=True)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return None
-        raise FilesystemError.from_os(exc, op="stat template", path=path) from exc
-    if not real.startswith(root.rstrip("/") + "/"):
-        log.warning("template %s resolves outside %s (%s); ignored", path, tdir, real)
+        _no_template_unless_failed(exc, path)
         return None
-    return path, real
+    return (path, real) if _inside(real, root, path, template_dir) else None
+
+
+def _no_template_unless_failed(exc: OSError, path: Path) -> None:
+    """Return when `exc` only means there is no template (missing, a file on the way, a symlink loop); raise
+    FilesystemError("stat template") for a real failure (EIO, EACCES, ...)."""
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError)) or exc.errno == errno.ELOOP:
+        return
+    raise FilesystemError.from_os(exc, op="stat template", path=path) from exc
+
+
+def _inside(real: str, root: str, path: Path, template_dir: Path) -> bool:
+    """Whether the real path lies inside the template dir's real path; a warning names both ends when not."""
+    if real.startswith(root.rstrip("/") + "/"):
+        return True
+    log.warning("template %s resolves outside %s (%s); ignored", path, template_dir, real)
+    return False
 
 
 @contextlib.contextmanager
 def open_template(template_dir: Path, name: str) -> Iterator[Template | None]:
     """The template of `name`, opened, or None when it has none."""
-    resolved = resolve_template(template_dir, name)
-    if resolved is None:
+    fd = _open_checked(template_dir, name)
+    if fd is None:
         yield None
         return
-    path, real = resolved
-    try:
-        # O_NONBLOCK: a FIFO planted as a template must not hang the worker; regular files ignore it.
-        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        yield None
-        return
-    except OSError as exc:
-        raise FilesystemError.from_os(exc, op="open template", path=path) from exc
+    path = template_dir / name / TEMPLATE_ROOTFS_FILE
     try:
         if not stat.S_ISREG(_fstat(fd, path).st_mode):
             yield None
@@ -127,3 +128,71 @@ def open_template(template_dir: Path, name: str) -> Iterator[Template | None]:
         yield Template(name, path, fd)
     finally:
         close(fd)
+
+
+#: Read-only, and O_NONBLOCK: a FIFO planted as a template must not hang the worker (regular files ignore it).
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def _open_checked(template_dir: Path, name: str) -> int | None:
+    """The template of `name` opened for reading, once its real path is known to be inside the template dir;
+    None when it has none there.
+
+    The path is resolved by the kernel into an O_PATH descriptor (which opens nothing: no device or FIFO is
+    ever opened before the check), whose real path /proc then names; the file is opened through that same
+    descriptor, so the file checked is the file read. Without /proc, as resolve_template does.
+    """
+    path = template_dir / name / TEMPLATE_ROOTFS_FILE
+    try:
+        anchor = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError as exc:
+        _no_template_unless_failed(exc, path)
+        return None
+    try:
+        real, root = _real_path(anchor), _real_dir(template_dir)
+        if real is None or root is None:
+            return _open_resolved(template_dir, name)
+        if not _inside(real, root, path, template_dir):
+            return None
+        try:
+            return os.open(f"/proc/self/fd/{anchor}", _READ_FLAGS)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise FilesystemError.from_os(exc, op="open template", path=path) from exc
+    finally:
+        close(anchor)
+
+
+def _real_path(fd: int) -> str | None:
+    """The real path of what `fd` holds, None without /proc (or for a file unlinked since it was opened)."""
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+    return real if real.startswith("/") and not real.endswith(" (deleted)") else None
+
+
+def _real_dir(directory: Path) -> str | None:
+    try:
+        fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return _real_path(fd)
+    finally:
+        close(fd)
+
+
+def _open_resolved(template_dir: Path, name: str) -> int | None:
+    """Without /proc: resolve the path first (os.path.realpath), then open what it names."""
+    resolved = resolve_template(template_dir, name)
+    if resolved is None:
+        return None
+    path, real = resolved
+    try:
+        return os.open(real, _READ_FLAGS | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise FilesystemError.from_os(exc, op="open template", path=path) from exc

@@ -1,0 +1,163 @@
+"""A reflink clone on XFS waits for the disk once: its stamp is a reflink too (worker.core.stamps), and XFS logs
+metadata in order (docs/crash-safety.md, "One round trip on XFS"). Elsewhere the two-round-trip protocol stays."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.core.test_registry import record_fsyncs
+from tests.helpers import MIB, sha256_of, write_template, xfs_reflink_mount
+from worker.core import durability
+from worker.core.config import RootfsConfig
+from worker.core.registry import RootfsRegistry
+
+
+@pytest.fixture(scope="module")
+def xfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One XFS loop mount (reflink=1) for the module; each test works in its own directory on it."""
+    with xfs_reflink_mount(tmp_path_factory.mktemp("xfs"), size_mib=300) as mountpoint:
+        yield mountpoint
+
+
+@pytest.fixture
+def root(xfs: Path, request: pytest.FixtureRequest) -> Path:
+    path: Path = xfs / str(request.node.name).replace("[", "-").replace("]", "")
+    path.mkdir()
+    return path
+
+
+def registry_on(root: Path, data: bytes = b"") -> RootfsRegistry:
+    write_template(root / "templates", "base", data or os.urandom(MIB))
+    return RootfsRegistry(RootfsConfig(root / "templates", root / "clones"))
+
+
+def log_forces_waited(mountpoint: Path) -> int:
+    """XFS's count of log forces that waited for the disk (per device, /sys/fs/xfs/<dev>/stats)."""
+    st = os.stat(mountpoint)
+    device = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}").resolve().name
+    for line in Path(f"/sys/fs/xfs/{device}/stats/stats").read_text().splitlines():
+        if line.startswith("log "):
+            return int(line.split()[5])
+    raise AssertionError("no log line in the XFS stats")
+
+
+def test_only_xfs_is_trusted_to_log_metadata_in_order(xfs: Path, tmp_path: Path) -> None:
+    """orders_metadata says yes for a file on XFS and no for one on the work dir's filesystem (not XFS here)."""
+    (xfs / "probe").write_bytes(b"x")
+    (tmp_path / "probe").write_bytes(b"x")
+    for path, expected in ((xfs / "probe", True), (tmp_path / "probe", False)):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert durability.orders_metadata(fd) is expected
+        finally:
+            os.close(fd)
+
+
+def test_without_fstatfs_nothing_is_trusted_and_that_is_not_remembered(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the filesystem type cannot be asked, a file on XFS is not trusted; asked again once it can be, it is."""
+    (root / "probe").write_bytes(b"x")
+    durability._types.clear()
+    monkeypatch.setattr(durability, "_fstatfs", lambda: None)
+    fd = os.open(root / "probe", os.O_RDONLY)
+    try:
+        assert durability.filesystem_type(fd) is None
+        assert durability.orders_metadata(fd) is False
+        monkeypatch.undo()
+        assert durability.filesystem_type(fd) == durability.XFS_MAGIC
+        assert durability.orders_metadata(fd) is True
+    finally:
+        os.close(fd)
+
+
+def test_a_reflink_clone_on_xfs_waits_for_the_disk_once(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On XFS a clone flushes only its two directories, after the rename (one log force that waits; the
+    fallback, where no stamp source can be made, waits twice), and its stamp is a file of its own holding the
+    template's hash."""
+    registry = registry_on(root)
+    registry.warm()
+    forces = log_forces_waited(root)
+    flushed = record_fsyncs(monkeypatch)
+    one_trip = []
+    for n in range(3):  # the fewest of three: a background log force (xfsaild) may fall inside one clone
+        before = log_forces_waited(root)
+        rootfs = registry.clone_for_vm(f"vm-{n}", "base")
+        one_trip.append(log_forces_waited(root) - before)
+        assert flushed == [str(root / "clones" / f"vm-{n}"), str(root / "clones")]
+        flushed.clear()
+        stamp = rootfs.path.parent / "rootfs.ext4.sha256"
+        assert stamp.read_text() == rootfs.source_sha256 == sha256_of(rootfs.path)
+        st = stamp.lstat()
+        assert stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+    assert min(one_trip) == 1, one_trip
+    assert log_forces_waited(root) > forces
+
+    source = root / "clones" / ".cache" / "stamps" / rootfs.source_sha256
+    source.unlink()
+    source.mkdir()  # in the way: no stamp source can be made
+    registry = RootfsRegistry(registry.config)  # a fresh worker: no source kept open either
+    two_trips = []
+    for n in range(3):
+        before = log_forces_waited(root)
+        rootfs = registry.clone_for_vm(f"vm-fallback-{n}", "base")
+        two_trips.append(log_forces_waited(root) - before)
+        assert len(flushed) == 4
+        flushed.clear()
+        assert (rootfs.path.parent / "rootfs.ext4.sha256").read_text() == sha256_of(rootfs.path)
+    assert min(two_trips) == 2, two_trips
+
+
+def test_a_damaged_stamp_source_never_reaches_a_clone(root: Path) -> None:
+    """A stamp source overwritten with another hash (same inode, as a stray `echo >` would) is noticed: the
+    clone's stamp is still its template's hash, and the source is whole again."""
+    registry = registry_on(root)
+    digest = registry.clone_for_vm("vm-1", "base").source_sha256
+    source = root / "clones" / ".cache" / "stamps" / digest
+    assert source.read_text() == digest
+    source.chmod(0o644)
+    source.write_text("0" * 64)
+    rootfs = registry.clone_for_vm("vm-2", "base")
+    assert (rootfs.path.parent / "rootfs.ext4.sha256").read_text() == digest == sha256_of(rootfs.path)
+    assert source.read_text() == digest
+
+
+def test_a_released_clone_leaves_the_stamp_source_and_the_other_clones_intact(root: Path) -> None:
+    """Stamps share blocks with their source: releasing one clone changes neither the source nor another
+    clone's stamp, and writing into one stamp (as the Rust runtime rewrites a stamp) changes no other."""
+    registry = registry_on(root)
+    a = registry.clone_for_vm("vm-a", "base")
+    b = registry.clone_for_vm("vm-b", "base")
+    source = root / "clones" / ".cache" / "stamps" / a.source_sha256
+    (a.path.parent / "rootfs.ext4.sha256").write_text("f" * 64)
+    assert registry.release("vm-a")
+    assert (b.path.parent / "rootfs.ext4.sha256").read_text() == b.source_sha256
+    assert source.read_text() == b.source_sha256
+
+
+def test_warm_makes_the_stamp_sources_and_drops_stale_ones(root: Path) -> None:
+    """On XFS a warm-up leaves one stamp source per template hash, and drops those of hashes no template has;
+    the first clone after it then makes none (its only flushes are the two directories)."""
+    registry = registry_on(root)
+    stamps_dir = root / "clones" / ".cache" / "stamps"
+    stamps_dir.mkdir(parents=True)
+    (stamps_dir / ("0" * 64)).write_text("0" * 64)
+    digest = registry.stack("base").sha256  # type: ignore[union-attr]
+    registry.warm()
+    assert os.listdir(stamps_dir) == [digest]
+    assert (stamps_dir / digest).read_text() == digest
+
+
+def test_warm_makes_no_stamp_sources_where_clones_are_copies(tmp_path: Path) -> None:
+    """Where clones are copies (the work dir: no reflink, not XFS) there is nothing to reflink: no sources."""
+    registry = registry_on(tmp_path, b"x" * 4096)
+    registry.warm()
+    assert not (tmp_path / "clones" / ".cache" / "stamps").exists()
+    rootfs = registry.clone_for_vm("vm-1", "base")
+    assert rootfs.method == "copy"
+    assert not (tmp_path / "clones" / ".cache" / "stamps").exists()
