@@ -253,8 +253,9 @@ def _notes(s: _Samples, fs: str) -> list[str]:
         f"Clone on {fs}: template {fmt_bytes(TEMPLATE_SIZE)} sparse with {fmt_bytes(TEMPLATE_DATA)} of data in 8 "
         "extents, fsynced after writing (its data stays in the page cache); the registry's hash cache warmed before "
         f"timing; {len(s.seconds['ours'])} repetitions after one untimed warm-up round, all contenders in "
-        "rotating order, medians. Ours is `RootfsRegistry.clone_for_vm` in the benchmark process (lock, owner "
-        "file, copy, fsync, stamp, rename, directory fsyncs), released untimed after each repetition; `cp` "
+        "rotating order, medians. Ours is `RootfsRegistry.clone_for_vm` in the benchmark process (lock, records, "
+        "copy, stamp, rename, fsyncs: on XFS after a reflink the stamp is a reflink too and only the two "
+        "directories are flushed, after the rename), released untimed after each repetition; `cp` "
         "and `sync` are spawned as processes, as the seed does.",
         f"Samples (ms): {samples}. `bare` = `cloning.clone_fd` (by {', '.join(sorted(s.methods))}) and one "
         "fsync, no registry; `sequential` / `ordered` / `paired` = the registry's syscalls alone with the four "
