@@ -188,6 +188,36 @@ def test_failing_trash_sweep_does_not_fail_the_release(env: Env, monkeypatch: py
 # --------------------------------------------------------------------------------------- durability
 
 
+def test_a_clone_into_a_crashed_clones_directory_flushes_no_record(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cloning into a directory an interrupted clone left (records there, no disk) rewrites the records
+    without flushing them (C11's directory flush covers them): the same four flushes as a fresh clone."""
+    env.template("base", b"abc" * 1000)
+    env.registry.stack("base")
+    vm_dir = env.clones_dir / "vm-1"
+    vm_dir.mkdir(parents=True)
+    (vm_dir / ".vm-id").write_text("")  # a record a power cut emptied: no owner yet
+    (vm_dir / ".clone.json").write_text('{"vm_id": "vm-1", "stack": "other", "created": 1}')
+    (vm_dir / "rootfs.ext4.partial").write_bytes(b"half")
+    flushed: list[str] = []
+    real = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    rootfs = env.registry.clone_for_vm("vm-1", "base")
+    assert flushed == [
+        str(vm_dir / "rootfs.ext4.sha256"),
+        str(vm_dir / "rootfs.ext4.partial"),
+        str(vm_dir),
+        str(env.clones_dir),
+    ]
+    assert rootfs.path.read_bytes() == b"abc" * 1000
+    assert (vm_dir / ".vm-id").read_text() == "vm-1"
+    assert '"stack": "base"' in (vm_dir / ".clone.json").read_text()
+
+
 def test_clone_flushes_in_two_ordered_pairs(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without reflink a clone flushes its stamp (named at once: nothing trusts a stamp without a clone) then
     its data (still a partial, so before the clone is named), then its VM directory then the clones dir: each

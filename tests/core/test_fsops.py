@@ -337,6 +337,9 @@ def test_write_new_creates_the_file_whole_and_flushes_nothing(
     monkeypatch.setattr(os, "fsync", lambda _: pytest.fail("write_new flushed"))
     fsops.write_new(fd, ".vm-id", b"vm-1", path)
     assert (path / ".vm-id").read_bytes() == b"vm-1"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((path / ".vm-id").stat().st_mode) == 0o644 & ~umask
     assert writes == [4]
     assert sorted(os.listdir(path)) == [".vm-id"]
     with pytest.raises(FilesystemError) as info:
@@ -358,6 +361,7 @@ def test_write_new_of_more_than_a_page_goes_through_a_partial(
         real_rename(src, dst, **kw)
 
     monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "fsync", lambda _: pytest.fail("write_new flushed"))
     fsops.write_new(fd, "big", b"y" * fsops.ONE_PAGE, path)
     assert renamed == []
     fsops.write_new(fd, "bigger", b"z" * (fsops.ONE_PAGE + 1), path)
@@ -374,6 +378,7 @@ def test_write_new_never_leaves_a_torn_file(vm_dir: tuple[Path, int], monkeypatc
     with pytest.raises(FilesystemError) as info:
         fsops.write_new(fd, ".vm-id", b"vm-1", path)
     assert (info.value.op, info.value.path, info.value.errno) == ("write", str(path / ".vm-id"), errno.EIO)
+    assert info.value.strerror == "short write"
     assert not (path / ".vm-id").exists()
 
     def enospc(target: int, data: Any) -> int:

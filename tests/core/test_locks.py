@@ -242,3 +242,49 @@ def test_a_lock_file_that_cannot_be_removed_is_left_with_a_warning(
     with locks.exclusive(path, remove_if=lambda: True) as held:
         assert held is True
     assert not path.exists()
+
+
+def test_the_lock_dir_is_made_on_first_use_and_only_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first lock makes its directory (parents too); a lock file that still cannot be created after that
+    is a FilesystemError naming it, not an endless retry."""
+    path = tmp_path / "a" / ".locks" / "vm-1.lock"
+    with locks.exclusive(path) as held:
+        assert held and path.exists()
+    real_open = os.open
+    calls = []
+
+    def never(file: object, flags: int, *args: object, **kw: object) -> int:
+        if str(file) == str(tmp_path / "b" / "vm-1.lock"):
+            calls.append(file)
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+        return real_open(file, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", never)
+    with pytest.raises(FilesystemError) as info, locks.exclusive(tmp_path / "b" / "vm-1.lock"):
+        pass
+    assert (info.value.op, info.value.path, info.value.errno) == (
+        "lock",
+        str(tmp_path / "b" / "vm-1.lock"),
+        errno.ENOENT,
+    )
+    assert len(calls) == 2 and (tmp_path / "b").is_dir()
+
+
+def test_a_lock_dir_made_by_another_process_meanwhile_is_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two first lockers race to make the lock dir: the one whose mkdir finds it made already locks all the same."""
+    path = tmp_path / ".locks" / "vm-1.lock"
+    real_open = os.open
+    first = [True]
+
+    def raced(file: object, flags: int, *args: object, **kw: object) -> int:
+        if str(file) == str(path) and first[0]:
+            first[0] = False
+            path.parent.mkdir()  # the other process, between our open and our mkdir
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+        return real_open(file, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", raced)
+    with locks.exclusive(path) as held:
+        assert held and path.exists()

@@ -7,6 +7,7 @@ import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,6 +75,36 @@ def test_without_fstatfs_nothing_is_trusted_and_that_is_not_remembered(
         assert durability.orders_metadata(fd) is True
     finally:
         os.close(fd)
+
+
+def test_the_filesystem_type_is_asked_once_per_filesystem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """orders_metadata asks fstatfs once per filesystem and process (a statfs on XFS runs background inode gc on
+    the caller's CPU), answers for every file on it from then on, and says no for a descriptor it cannot stat."""
+    durability._types.clear()
+    real = durability._fstatfs()
+    assert real is not None
+    probe = os.open(tmp_path, os.O_RDONLY)
+    on_xfs = durability.filesystem_type(probe) == durability.XFS_MAGIC
+    os.close(probe)
+    asked: list[int] = []
+
+    def counting(fd: int, buf: Any) -> int:
+        asked.append(fd)
+        return real(fd, buf)
+
+    monkeypatch.setattr(durability, "_fstatfs", lambda: counting)
+    for name in ("a", "b"):
+        (tmp_path / name).write_bytes(b"x")
+        fd = os.open(tmp_path / name, os.O_RDONLY)
+        try:
+            assert durability.orders_metadata(fd) is on_xfs
+        finally:
+            os.close(fd)
+    assert len(asked) == 1
+    fd = os.open(tmp_path / "a", os.O_RDONLY)
+    os.close(fd)
+    assert durability.orders_metadata(fd) is False  # closed: fstat fails
+    assert len(asked) == 1
 
 
 def test_a_reflink_clone_on_xfs_waits_for_the_disk_once(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

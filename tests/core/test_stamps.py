@@ -183,3 +183,161 @@ def test_a_source_that_cannot_be_named_is_still_used(tmp_path: Path, monkeypatch
     assert read_fd(_must(sources.open(DIGEST))) == DIGEST.encode()
     assert len(flushes) == 1
     assert os.listdir(tmp_path / "stamps") == []
+
+
+def test_a_symlink_to_a_true_source_is_not_trusted(tmp_path: Path) -> None:
+    """A symlink under the digest's name is replaced even when it leads to a file holding the digest: a link
+    can be repointed at any time, so only a regular file of our own is shared into stamps."""
+    directory = tmp_path / "stamps"
+    directory.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text(DIGEST)
+    (directory / DIGEST).symlink_to(elsewhere)
+    assert read_fd(_must(StampSources(directory).open(DIGEST))) == DIGEST.encode()
+    assert stat.S_ISREG((directory / DIGEST).lstat().st_mode)
+    assert elsewhere.read_text() == DIGEST
+
+
+def test_sources_are_made_under_missing_parents(tmp_path: Path) -> None:
+    """The stamps directory and any missing parent are made on first use."""
+    directory = tmp_path / "a" / "b" / "stamps"
+    assert read_fd(_must(StampSources(directory).open(DIGEST))) == DIGEST.encode()
+    assert (directory / DIGEST).read_text() == DIGEST
+
+
+def test_failures_are_logged_with_their_cause_and_leak_no_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each way of having no source logs what failed where and why (the clone then writes its stamp), and a
+    source that could not be flushed is closed, not leaked."""
+    directory = tmp_path / "stamps"
+    caplog.set_level(logging.INFO, logger="worker.core.stamps")
+
+    def fail(code: int) -> Any:
+        def raiser(*_: Any, **__: Any) -> Any:
+            raise OSError(code, os.strerror(code))
+
+        return raiser
+
+    monkeypatch.setattr(os, "fsync", fail(errno.EIO))
+    before = open_fds()
+    assert StampSources(directory).open(DIGEST) is None
+    assert open_fds() == before
+    assert caplog.messages[-1] == f"could not make the stamp source {DIGEST} in {directory}: [Errno 5] {os.strerror(5)}"
+    monkeypatch.undo()
+
+    monkeypatch.setattr(os, "write", lambda fd, data: 10)
+    assert StampSources(directory).open(DIGEST) is None
+    assert caplog.messages[-1] == f"could not make the stamp source {DIGEST} in {directory}: [Errno 5] short write"
+    monkeypatch.undo()
+
+    real_open = os.open
+
+    def no_tmpfile(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", no_tmpfile)
+    assert StampSources(directory).open(DIGEST) is None
+    assert caplog.messages[-1] == f"cannot make a stamp source in {directory}: [Errno 95] Operation not supported"
+    monkeypatch.undo()
+
+    monkeypatch.setattr(os, "link", fail(errno.ENOENT))
+    assert read_fd(_must(StampSources(directory).open(DIGEST))) == DIGEST.encode()
+    assert caplog.messages[-1] == (
+        f"could not name the stamp source {DIGEST} in {directory}: [Errno 2] {os.strerror(errno.ENOENT)}"
+    )
+    monkeypatch.undo()
+
+    (directory / DIGEST).mkdir()
+    assert StampSources(directory).open(DIGEST) is None
+    assert caplog.messages[-1].startswith(f"cannot replace {DIGEST} in {directory}: [Errno 21] ")
+
+
+@pytest.mark.parametrize(
+    ("where", "code"),
+    [
+        ("a dangling symlink on the way", errno.EEXIST),
+        ("a file on the way", errno.ENOTDIR),
+        ("no access", errno.EACCES),
+    ],
+)
+def test_no_stamps_directory_means_no_source_and_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, where: str, code: int
+) -> None:
+    """A stamps directory that cannot be made (a dangling symlink where a parent belongs) or opened (a file on
+    the way, no access) gives no source and one warning naming it and the errno."""
+    directory = tmp_path / "stamps"
+    if where == "a dangling symlink on the way":
+        (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+        directory = tmp_path / "link" / "stamps"
+    elif where == "a file on the way":
+        (tmp_path / "blocker").write_text("x")
+        directory = tmp_path / "blocker" / "stamps"
+    else:
+        directory.mkdir()
+        real_open = os.open
+
+        def refuse(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+            if str(path) == str(directory):
+                raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+            return real_open(path, flags, *args, **kw)
+
+        monkeypatch.setattr(os, "open", refuse)
+    with caplog.at_level(logging.WARNING, logger="worker.core.stamps"):
+        assert StampSources(directory).open(DIGEST) is None
+    assert len(caplog.messages) == 1
+    assert caplog.messages[0].startswith(f"no stamp sources at {directory}: [Errno {code}] {os.strerror(code)}")
+
+
+def test_reusing_a_kept_source_opens_nothing_new(tmp_path: Path) -> None:
+    """The same hash asked for again and again costs no new descriptor once the caller closes its own."""
+    sources = StampSources(tmp_path / "stamps")
+    os.close(_must(sources.open(DIGEST)))
+    before = open_fds()
+    for _ in range(3 * stamps._KEEP_OPEN):
+        os.close(_must(sources.open(DIGEST)))
+    assert open_fds() == before
+
+
+def test_the_most_recent_sources_stay_open(tmp_path: Path) -> None:
+    """Up to _KEEP_OPEN sources stay open: once the oldest of them is deleted by name, asking for it again
+    still hands out its bytes without making it anew; one more than that and the oldest is made again."""
+    sources = StampSources(tmp_path / "stamps")
+    digests = [f"{n:064x}" for n in range(stamps._KEEP_OPEN + 1)]
+    for digest in digests[: stamps._KEEP_OPEN]:
+        os.close(_must(sources.open(digest)))
+    (tmp_path / "stamps" / digests[0]).unlink()
+    assert read_fd(_must(sources.open(digests[0]))) == digests[0].encode()
+    assert not (tmp_path / "stamps" / digests[0]).exists()
+    os.close(_must(sources.open(digests[-1])))  # evicts the least recently used: digests[1]
+    (tmp_path / "stamps" / digests[1]).unlink()
+    assert read_fd(_must(sources.open(digests[1]))) == digests[1].encode()
+    assert (tmp_path / "stamps" / digests[1]).read_text() == digests[1]
+
+
+def test_prune_skips_what_it_cannot_delete(tmp_path: Path) -> None:
+    """A directory among the sources is left (and no error raised); the sources around it are pruned."""
+    sources = StampSources(tmp_path / "stamps")
+    for digest in (DIGEST, OTHER):
+        os.close(_must(sources.open(digest)))
+    (tmp_path / "stamps" / "subdir").mkdir()
+    sources.prune(set())
+    assert os.listdir(tmp_path / "stamps") == ["subdir"]
+
+
+def test_an_unreadable_descriptor_holds_no_digest(tmp_path: Path) -> None:
+    """A descriptor that cannot be read (a directory's) never passes for a source."""
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert stamps._holds(fd, DIGEST) is False
+    finally:
+        os.close(fd)
+    path = tmp_path / "s"
+    path.write_text(DIGEST)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert stamps._holds(fd, DIGEST) is True
+    finally:
+        os.close(fd)

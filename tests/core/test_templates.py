@@ -275,3 +275,39 @@ def test_a_stat_failing_while_the_template_is_opened_names_it(env: Env, monkeypa
                 pass
         assert (info.value.op, info.value.path, info.value.errno) == ("stat template", str(path), errno.EIO)
         assert len(calls) == succeeding + 1
+
+
+def test_a_fifo_as_template_never_hangs_either_way(env: Env, resolution: str) -> None:
+    """A FIFO where a template belongs is no stack, opened without blocking whether the kernel or realpath
+    resolved it (a blocking open of a FIFO waits forever for a writer)."""
+    (env.template_dir / "pipe").mkdir(parents=True)
+    os.mkfifo(env.template_dir / "pipe" / "rootfs.ext4")
+    with open_template(env.template_dir, "pipe") as template:
+        assert template is None
+
+
+def test_a_template_dir_without_a_real_path_falls_back_to_realpath(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When /proc names the template but not the template dir, the template is still found, by realpath."""
+    env.template("base", b"bytes")
+    monkeypatch.setattr(templates, "_real_dir", lambda directory: None)
+    with open_template(env.template_dir, "base") as template:
+        assert template is not None and os.pread(template.fd, 5, 0) == b"bytes"
+
+
+def test_only_a_live_absolute_path_is_a_real_path(tmp_path: Path) -> None:
+    """/proc's name for a descriptor counts only when it is a path to a file that still has one: not a pipe's
+    name, not a file deleted since it was opened."""
+    path = tmp_path / "file"
+    path.write_text("x")
+    fd = os.open(path, os.O_RDONLY)
+    read_end, write_end = os.pipe()
+    try:
+        assert templates._real_path(fd) == str(path)
+        assert templates._real_path(read_end) is None
+        path.unlink()
+        assert templates._real_path(fd) is None
+        assert templates._real_dir(tmp_path) == str(tmp_path)
+        assert templates._real_dir(tmp_path / "missing") is None
+    finally:
+        for n in (fd, read_end, write_end):
+            os.close(n)
