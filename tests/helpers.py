@@ -120,3 +120,16 @@ def evict(path: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, the path of every file or directory fsynced, in order (each fsync still runs)."""
+    flushed: list[str] = []
+    real = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return flushed

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Env
-from tests.helpers import MIB, sha256_of
+from tests.helpers import MIB, record_fsyncs, sha256_of
 from worker import TemplateBusy
 from worker.core import cloning, durability, hashing
 from worker.core.hashcache import FileKey
@@ -198,14 +198,7 @@ def test_a_clone_into_a_crashed_clones_directory_flushes_no_record(env: Env, mon
     (vm_dir / ".vm-id").write_text("")  # a record a power cut emptied: no owner yet
     (vm_dir / ".clone.json").write_text('{"vm_id": "vm-1", "stack": "other", "created": 1}')
     (vm_dir / "rootfs.ext4.partial").write_bytes(b"half")
-    flushed: list[str] = []
-    real = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    flushed = record_fsyncs(monkeypatch)
     rootfs = env.registry.clone_for_vm("vm-1", "base")
     assert flushed == [
         str(vm_dir / "rootfs.ext4.sha256"),
@@ -225,14 +218,7 @@ def test_clone_flushes_in_two_ordered_pairs(env: Env, monkeypatch: pytest.Monkey
     everything flushed before the clone is reported."""
     env.template("base", b"abc" * 1000)
     env.registry.stack("base")
-    flushed: list[str] = []
-    real = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    flushed = record_fsyncs(monkeypatch)
     rootfs = env.registry.clone_for_vm("vm-1", "base")
     vm_dir = env.clones_dir / "vm-1"
     assert flushed == [

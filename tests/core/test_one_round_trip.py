@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.core.test_registry import record_fsyncs
-from tests.helpers import MIB, sha256_of, write_template, xfs_reflink_mount
+from tests.helpers import MIB, record_fsyncs, sha256_of, write_template, xfs_reflink_mount
 from worker.core import durability
 from worker.core.config import RootfsConfig
 from worker.core.registry import RootfsRegistry

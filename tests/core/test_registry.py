@@ -25,6 +25,7 @@ from tests.helpers import (
     MIB,
     evict,
     hold_open,
+    record_fsyncs,
     sha256_of,
     tmpfs_mount,
     tree,
@@ -1136,19 +1137,6 @@ def test_a_clone_on_a_reflink_filesystem_says_reflink(tmp_path: Path) -> None:
 
 def _fd_path(fd: int) -> str:
     return os.readlink(f"/proc/self/fd/{fd}")
-
-
-def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """From now on, the path of every file or directory fsynced, in order (each fsync still runs)."""
-    flushed: list[str] = []
-    real = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        flushed.append(_fd_path(fd))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
-    return flushed
 
 
 def _eio(*_: Any, **__: Any) -> Any:
