@@ -18,7 +18,9 @@ from worker.dev.templates import MIB, write_sparse_template, write_template
 
 __all__ = [
     "MIB",
+    "evict",
     "hold_open",
+    "record_fsyncs",
     "sha256_of",
     "tmpfs_mount",
     "tree",

@@ -3,6 +3,7 @@ metadata in order (docs/crash-safety.md, "One round trip on XFS"). Elsewhere the
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -12,9 +13,10 @@ from typing import Any
 import pytest
 
 from tests.helpers import MIB, record_fsyncs, sha256_of, write_template, xfs_reflink_mount
-from worker.core import durability
+from worker.core import cloning, durability
 from worker.core.config import RootfsConfig
 from worker.core.registry import RootfsRegistry
+from worker.errors import FilesystemError
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +193,98 @@ def test_warm_makes_no_stamp_sources_where_clones_are_copies(tmp_path: Path) -> 
     rootfs = registry.clone_for_vm("vm-1", "base")
     assert rootfs.method == "copy"
     assert not (tmp_path / "clones" / ".cache" / "stamps").exists()
+
+
+def test_a_reflinked_stamp_is_an_ordinary_file_and_costs_no_descriptor(root: Path) -> None:
+    """On XFS the stamp has the mode of a written stamp (0644 under the umask), and neither clones nor a
+    warm-up keep descriptors open beyond the few kept stamp sources."""
+    registry = registry_on(root)
+    registry.warm()
+    umask = os.umask(0)
+    os.umask(umask)
+    rootfs = registry.clone_for_vm("vm-0", "base")
+    before = len(os.listdir("/proc/self/fd"))
+    for n in range(1, 6):
+        registry.clone_for_vm(f"vm-{n}", "base")
+        registry.warm()
+    assert len(os.listdir("/proc/self/fd")) == before
+    stamp = rootfs.path.parent / "rootfs.ext4.sha256"
+    assert stat.S_IMODE(stamp.stat().st_mode) == 0o644 & ~umask
+
+
+def test_a_stamp_reflink_refused_falls_back_to_writing_it(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the stamp cannot be reflinked (the source on another filesystem, say), the clone writes its stamp
+    and takes the two round trips, leaking no descriptor."""
+    registry = registry_on(root)
+    registry.warm()
+    real = cloning.reflink
+    monkeypatch.setattr(
+        cloning,
+        "reflink",
+        lambda src, dst, *, dst_path: False if dst_path.endswith(".sha256") else real(src, dst, dst_path=dst_path),
+    )
+    flushed = record_fsyncs(monkeypatch)
+    registry.clone_for_vm("vm-0", "base")
+    before = len(os.listdir("/proc/self/fd"))
+    flushed.clear()
+    rootfs = registry.clone_for_vm("vm-1", "base")
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert len(flushed) == 4
+    assert (rootfs.path.parent / "rootfs.ext4.sha256").read_text() == sha256_of(rootfs.path)
+
+
+@pytest.mark.parametrize("step", ["create", "reflink"])
+def test_a_failing_stamp_on_xfs_names_it_and_leaves_no_clone(
+    root: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """Creating or reflinking the stamp failing (EIO) is a transient FilesystemError naming the stamp; the VM
+    directory goes, and the next call succeeds."""
+    registry = registry_on(root)
+    registry.warm()
+    vm_dir = root / "clones" / "vm-1"
+    stamp = vm_dir / "rootfs.ext4.sha256"
+    if step == "create":
+        real_open = os.open
+
+        def failing_open(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+            if path == "rootfs.ext4.sha256":
+                raise OSError(errno.EIO, "Input/output error")
+            return real_open(path, flags, *args, **kw)
+
+        monkeypatch.setattr(os, "open", failing_open)
+    else:
+        real = cloning.reflink
+
+        def failing_reflink(src: int, dst: int, *, dst_path: str) -> bool:
+            if dst_path.endswith(".sha256"):
+                raise FilesystemError.from_os(OSError(errno.EIO, "Input/output error"), op="reflink", path=dst_path)
+            return real(src, dst, dst_path=dst_path)
+
+        monkeypatch.setattr(cloning, "reflink", failing_reflink)
+    with pytest.raises(FilesystemError) as info:
+        registry.clone_for_vm("vm-1", "base")
+    assert (info.value.path, info.value.errno) == (str(stamp), errno.EIO)
+    assert info.value.op == ("write" if step == "create" else "reflink")
+    assert info.value.transient
+    assert not vm_dir.exists()
+    monkeypatch.undo()
+    assert registry.clone_for_vm("vm-1", "base").path.exists()
+
+
+def test_a_copy_flushes_its_data_first_even_where_metadata_is_ordered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a reflink makes a clone metadata alone: a copy on a filesystem trusted to order metadata still
+    flushes its stamp and data before the rename (the two round trips)."""
+    registry = registry_on(tmp_path, b"x" * 4096)
+    monkeypatch.setattr(durability, "orders_metadata", lambda fd: True)
+    flushed = record_fsyncs(monkeypatch)
+    rootfs = registry.clone_for_vm("vm-1", "base")
+    assert rootfs.method == "copy"
+    vm_dir = tmp_path / "clones" / "vm-1"
+    assert flushed == [
+        str(vm_dir / "rootfs.ext4.sha256"),
+        str(vm_dir / "rootfs.ext4.partial"),
+        str(vm_dir),
+        str(tmp_path / "clones"),
+    ]

@@ -145,3 +145,26 @@ def test_record_that_is_a_directory_reads_as_none_and_cannot_be_written(vm_dir: 
         vm_dir.write()
     assert (failed.value.op, failed.value.path) == ("write", str(vm_dir.record))
     assert vm_dir.record.is_dir()
+
+
+def test_a_record_that_cannot_be_written_in_a_new_directory_is_named(
+    vm_dir: VmDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing the record of a directory just made (one write, no partial) failing with ENOSPC is a transient
+    FilesystemError naming the record; the same directory then takes the record once the disk has room."""
+    real_write = os.write
+
+    def full(fd: int, data: bytes) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(vm_dir.record):
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(FilesystemError) as info:
+        records.write_record(vm_dir.fd, vm_dir.path, vm_id="vm-1", stack="base", adopted=False, fresh=True)
+    assert (info.value.op, info.value.path, info.value.errno) == ("write", str(vm_dir.record), 28)
+    assert info.value.transient
+    monkeypatch.undo()
+    vm_dir.record.unlink()
+    records.write_record(vm_dir.fd, vm_dir.path, vm_id="vm-1", stack="base", adopted=False, fresh=True)
+    assert json.loads(vm_dir.record.read_text())["stack"] == "base"

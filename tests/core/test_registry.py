@@ -1562,3 +1562,38 @@ def test_templates_hash_and_clone_where_no_lease_is_granted(env: Env, monkeypatc
     info = env.registry.stack("base")
     assert info is not None and info.sha256 == ABC
     assert env.registry.clone_for_vm("vm-1", "base").path.read_bytes() == b"abc"
+
+
+def test_the_first_clone_makes_the_clones_dir_and_its_parents(tmp_path: Path) -> None:
+    """A clones dir that does not exist yet, nor its parent, is made by the first clone; VM directories are
+    0755 under the umask (the Rust runtime and operators read them)."""
+    write_template(tmp_path / "templates", "base", b"x" * 4096)
+    registry = RootfsRegistry(RootfsConfig(tmp_path / "templates", tmp_path / "var" / "clones"))
+    rootfs = registry.clone_for_vm("vm-1", "base")
+    assert rootfs.path.read_bytes() == b"x" * 4096
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(rootfs.path.parent.stat().st_mode) == 0o755 & ~umask
+
+
+def test_a_vm_dir_removed_right_after_it_was_made_is_a_filesystem_error(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A VM directory that is gone by the time it is opened (only a concurrent sweep could) is FilesystemError
+    ("open clone dir") naming it, never an assertion."""
+    env.template("base", b"x" * 4096)
+    vm_dir = env.clones_dir / "vm-1"
+    real_open = os.open
+    opened = []
+
+    def vanishing(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if str(path) == str(vm_dir) and kw.get("dir_fd") is None:
+            opened.append(path)
+            if len(opened) == 2:  # the open after our mkdir (the first one found nothing)
+                os.rmdir(vm_dir)
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", vanishing)
+    with pytest.raises(FilesystemError) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert (info.value.op, info.value.path, info.value.errno) == ("open clone dir", str(vm_dir), errno.ENOENT)

@@ -341,3 +341,22 @@ def test_an_unreadable_descriptor_holds_no_digest(tmp_path: Path) -> None:
         assert stamps._holds(fd, DIGEST) is True
     finally:
         os.close(fd)
+
+
+def test_a_stamps_directory_made_by_another_process_meanwhile_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two first users race to make the stamps directory: the one whose mkdir finds it made still gets a source."""
+    directory = tmp_path / "stamps"
+    real_open = os.open
+    first = [True]
+
+    def raced(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if str(path) == str(directory) and first[0]:
+            first[0] = False
+            directory.mkdir()  # the other process, between our open and our mkdir
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", raced)
+    assert read_fd(_must(StampSources(directory).open(DIGEST))) == DIGEST.encode()
