@@ -9,7 +9,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 import stat
 import subprocess
 import threading
@@ -1226,7 +1225,8 @@ def test_a_failing_stamp_write_names_the_stamp_and_leaves_no_clone(env: Env, mon
 
 
 def test_a_clone_record_that_cannot_be_written_is_reported(env: Env) -> None:
-    """A directory in the way of the clone's record (.clone.json) is FilesystemError("write") naming the record."""
+    """A directory in the way of the clone's record (.clone.json) is FilesystemError("write") naming the record;
+    the failed call leaves no VM directory (the obstacle goes with it), and the next call succeeds."""
     env.template("base", b"x")
     vm_dir = env.clones_dir / "vm-1"
     (vm_dir / ".clone.json").mkdir(parents=True)
@@ -1234,8 +1234,7 @@ def test_a_clone_record_that_cannot_be_written_is_reported(env: Env) -> None:
     with pytest.raises(FilesystemError) as info:
         env.registry.clone_for_vm("vm-1", "base")
     assert (info.value.op, info.value.path, info.value.errno) == ("write", str(vm_dir / ".clone.json"), errno.EISDIR)
-    assert not (vm_dir / "rootfs.ext4").exists()
-    shutil.rmtree(vm_dir / ".clone.json")
+    assert not vm_dir.exists()
     assert env.registry.clone_for_vm("vm-1", "base").path.read_bytes() == b"x"
 
 
@@ -1597,3 +1596,27 @@ def test_a_vm_dir_removed_right_after_it_was_made_is_a_filesystem_error(
     with pytest.raises(FilesystemError) as info:
         env.registry.clone_for_vm("vm-1", "base")
     assert (info.value.op, info.value.path, info.value.errno) == ("open clone dir", str(vm_dir), errno.ENOENT)
+
+
+def test_an_owner_record_that_cannot_be_written_in_a_new_directory_is_named(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing `.vm-id` into the VM directory the call just made failing with ENOSPC is a transient
+    FilesystemError naming `.vm-id`; nothing is left, and the next call succeeds."""
+    env.template("base", b"x" * 4096)
+    vm_dir = env.clones_dir / "vm-1"
+    real_write = os.write
+
+    def full(fd: int, data: Any) -> int:
+        if _fd_path(fd) == str(vm_dir / ".vm-id"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(FilesystemError) as info:
+        env.registry.clone_for_vm("vm-1", "base")
+    assert (info.value.op, info.value.path, info.value.errno) == ("write", str(vm_dir / ".vm-id"), errno.ENOSPC)
+    assert info.value.transient
+    assert not vm_dir.exists()
+    monkeypatch.undo()
+    assert env.registry.clone_for_vm("vm-1", "base").path.read_bytes() == b"x" * 4096

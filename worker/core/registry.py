@@ -254,15 +254,15 @@ class RootfsRegistry:
             assert dir_fd is not None
             # A directory this call just made (under the VM's lock) holds nothing yet: nothing to read.
             existing = not fresh and self._existing_clone(dir_fd, vm_dir, safe_id, info)
-            self._claim(dir_fd, vm_dir, vm_id, info.name, existing, fresh=fresh)
-            if existing:
-                self._flush_existing(dir_fd, vm_dir)
-            else:
-                try:
+            try:
+                self._claim(dir_fd, vm_dir, vm_id, info.name, existing, fresh=fresh)
+                if existing:
+                    self._flush_existing(dir_fd, vm_dir)
+                else:
                     method = self._build_clone(dir_fd, vm_dir, template, info.sha256)
-                except BaseException:
-                    _discard_if_unused(dir_fd, vm_dir)
-                    raise
+            except BaseException:
+                _discard_if_unused(dir_fd, vm_dir)  # leaves a directory that holds a clone as it is
+                raise
         return VmRootfs(safe_id, info.name, vm_dir / CLONE_ROOTFS_FILE, info.sha256, method)
 
     def release(
