@@ -1200,30 +1200,6 @@ def test_a_failing_last_step_of_a_clone_is_reported_and_removes_the_named_clone(
     assert env.registry.clone_for_vm("vm-1", "base").path.read_bytes() == b"x" * 4096
 
 
-def test_a_failing_stamp_write_names_the_stamp_and_leaves_no_clone(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Writing the stamp failing (ENOSPC) is FilesystemError("write") naming the stamp; nothing is left."""
-    env.template("base", b"x" * 4096)
-    vm_dir = env.clones_dir / "vm-1"
-    real = os.write
-
-    def write(fd: int, data: Any) -> int:
-        if _fd_path(fd) == str(vm_dir / "rootfs.ext4.sha256"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data)
-
-    monkeypatch.setattr(os, "write", write)
-    with pytest.raises(FilesystemError) as info:
-        env.registry.clone_for_vm("vm-1", "base")
-    assert (info.value.op, info.value.path, info.value.errno) == (
-        "write",
-        str(vm_dir / "rootfs.ext4.sha256"),
-        errno.ENOSPC,
-    )
-    assert not vm_dir.exists()
-    monkeypatch.undo()
-    assert env.registry.clone_for_vm("vm-1", "base").path.read_bytes() == b"x" * 4096
-
-
 def test_a_clone_record_that_cannot_be_written_is_reported(env: Env) -> None:
     """A directory in the way of the clone's record (.clone.json) is FilesystemError("write") naming the record;
     the failed call leaves no VM directory (the obstacle goes with it), and the next call succeeds."""
@@ -1598,24 +1574,26 @@ def test_a_vm_dir_removed_right_after_it_was_made_is_a_filesystem_error(
     assert (info.value.op, info.value.path, info.value.errno) == ("open clone dir", str(vm_dir), errno.ENOENT)
 
 
-def test_an_owner_record_that_cannot_be_written_in_a_new_directory_is_named(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("name", [".vm-id", ".clone.json", "rootfs.ext4.sha256"])
+def test_a_file_of_a_new_clone_that_cannot_be_written_is_named_and_leaves_nothing(
+    env: Env, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
-    """Writing `.vm-id` into the VM directory the call just made failing with ENOSPC is a transient
-    FilesystemError naming `.vm-id`; nothing is left, and the next call succeeds."""
+    """Writing the owner record, the clone record or the stamp into the VM directory the call just made
+    failing with ENOSPC is a transient FilesystemError("write") naming that file; nothing is left, and the
+    next call succeeds."""
     env.template("base", b"x" * 4096)
     vm_dir = env.clones_dir / "vm-1"
     real_write = os.write
 
     def full(fd: int, data: Any) -> int:
-        if _fd_path(fd) == str(vm_dir / ".vm-id"):
+        if _fd_path(fd) == str(vm_dir / name):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 
     monkeypatch.setattr(os, "write", full)
     with pytest.raises(FilesystemError) as info:
         env.registry.clone_for_vm("vm-1", "base")
-    assert (info.value.op, info.value.path, info.value.errno) == ("write", str(vm_dir / ".vm-id"), errno.ENOSPC)
+    assert (info.value.op, info.value.path, info.value.errno) == ("write", str(vm_dir / name), errno.ENOSPC)
     assert info.value.transient
     assert not vm_dir.exists()
     monkeypatch.undo()

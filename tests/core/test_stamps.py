@@ -25,6 +25,18 @@ def read_fd(fd: int) -> bytes:
         os.close(fd)
 
 
+def refuse_tmpfile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on, O_TMPFILE fails as on a filesystem without it (EOPNOTSUPP); every other open works."""
+    real = os.open
+
+    def no_tmpfile(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", no_tmpfile)
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -110,14 +122,7 @@ def test_a_directory_in_the_way_means_no_source_and_a_warning(tmp_path: Path, ca
 def test_no_source_where_unnamed_files_cannot_be_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A filesystem without O_TMPFILE (or a read-only one) gives no source and leaves nothing behind; the same
     directory gives one once it can."""
-    real = os.open
-
-    def no_tmpfile(path: Any, flags: int, *args: Any, **kw: Any) -> int:
-        if flags & os.O_TMPFILE == os.O_TMPFILE:
-            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
-        return real(path, flags, *args, **kw)
-
-    monkeypatch.setattr(os, "open", no_tmpfile)
+    refuse_tmpfile(monkeypatch)
     sources = StampSources(tmp_path / "stamps")
     assert sources.open(DIGEST) is None
     assert os.listdir(tmp_path / "stamps") == []
@@ -231,14 +236,7 @@ def test_failures_are_logged_with_their_cause_and_leak_no_descriptor(
     assert caplog.messages[-1] == f"could not make the stamp source {DIGEST} in {directory}: [Errno 5] short write"
     monkeypatch.undo()
 
-    real_open = os.open
-
-    def no_tmpfile(path: Any, flags: int, *args: Any, **kw: Any) -> int:
-        if flags & os.O_TMPFILE == os.O_TMPFILE:
-            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
-        return real_open(path, flags, *args, **kw)
-
-    monkeypatch.setattr(os, "open", no_tmpfile)
+    refuse_tmpfile(monkeypatch)
     assert StampSources(directory).open(DIGEST) is None
     assert caplog.messages[-1] == f"cannot make a stamp source in {directory}: [Errno 95] Operation not supported"
     monkeypatch.undo()

@@ -78,18 +78,31 @@ def read_text(dir_fd: int, name: str, vm_dir: Path, *, strip: bool = True) -> st
     return text.strip() if strip else text
 
 
-def read_small_file(dir_fd: int, name: str, *, limit: int) -> bytes | None:
-    """The bytes of `name` if it is a regular file of at most `limit` bytes, else None (missing, a FIFO, a
-    device, a symlink, a directory, too big, unreadable): for files whose content is only a hint, like cache
-    entries, where anything odd must read as "not there" and never block or fill memory."""
+def open_small_file(dir_fd: int, name: str, *, limit: int) -> int | None:
+    """`name` opened for reading (the caller's to close) if it is a regular file of at most `limit` bytes, else
+    None (missing, a FIFO, a device, a symlink, a directory, too big): opened without blocking or following
+    links, for files whose content is only a hint, where anything odd must read as "not there"."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=dir_fd)
     except OSError:
         return None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
-            return None
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+        close(fd)
+        return None
+    return fd
+
+
+def read_small_file(dir_fd: int, name: str, *, limit: int) -> bytes | None:
+    """The bytes of `name` if it is a regular file of at most `limit` bytes (open_small_file), else None; read
+    with that bound too, so a file that grew past its stat never fills memory."""
+    fd = open_small_file(dir_fd, name, limit=limit)
+    if fd is None:
+        return None
+    try:
         data = os.read(fd, limit + 1)
     except OSError:
         return None

@@ -21,11 +21,10 @@ import errno
 import logging
 import os
 import re
-import stat
 import threading
 from pathlib import Path
 
-from worker.core.fsops import OPEN_DIR, close
+from worker.core.fsops import OPEN_DIR, close, open_small_file
 
 log = logging.getLogger(__name__)
 
@@ -150,16 +149,10 @@ def _dup(fd: int) -> int | None:
 
 def _open_valid(dir_fd: int, digest: str) -> int | None:
     """The existing source as an fd if it is a regular file holding exactly `digest`, else None (missing, a
-    symlink, a FIFO or device, another size or other bytes): opened without blocking or following links."""
-    try:
-        fd = os.open(digest, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY, dir_fd=dir_fd)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and st.st_size == _STAMP_SIZE and _holds(fd, digest):
-            return fd
-    except OSError:
-        pass
-    close(fd)
+    symlink, a FIFO or device, another size or other bytes): opened as fsops.open_small_file opens."""
+    fd = open_small_file(dir_fd, digest, limit=_STAMP_SIZE)
+    if fd is not None and _holds(fd, digest):  # exactly the 64 bytes: a shorter file reads short
+        return fd
+    if fd is not None:
+        close(fd)
     return None
