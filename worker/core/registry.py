@@ -503,13 +503,11 @@ class RootfsRegistry:
 
 def _make_vm_dir(vm_dir: Path) -> bool:
     """Make the VM's directory unless it exists; True when this call made it (empty, ours alone: the caller
-    holds the VM's lock). Made durable by the clones-dir fsync that ends a build."""
+    holds the VM's lock). Made durable by the clones-dir fsync that ends a build. The clones dir exists: taking
+    the VM's lock made `<clones>/.locks` (a clones dir removed since is an error here, and made again by the
+    next call's lock)."""
     try:
-        try:
-            os.mkdir(vm_dir, 0o755)
-        except FileNotFoundError:  # no clones dir yet: the first clone of all makes it
-            vm_dir.parent.mkdir(parents=True, exist_ok=True)
-            os.mkdir(vm_dir, 0o755)
+        os.mkdir(vm_dir, 0o755)
     except FileExistsError:
         return False
     except OSError as exc:
